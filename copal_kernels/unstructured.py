@@ -79,19 +79,50 @@ def _choose_digit(counts, prefix, remaining, NUM_BINS: tl.constexpr, RADIX_BITS:
 
 
 @triton.jit
-def _apply_chunk(w, keys, ok, threshold, ties_to_prune, ties_seen, mask_ptrs, w_ptrs,
-                 WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr):
-    """Prune keys below ``threshold`` and the first ``ties_to_prune`` keys equal to it; return the
-    updated count of ties seen so far in each row."""
-    tie = (keys == threshold[:, None]) & ok
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) + ties_seen[:, None]
-    prune = (keys < threshold[:, None]) | (tie & (tie_rank <= ties_to_prune[:, None]))
-    keep = ~prune
-    if WRITE_MASK:
-        tl.store(mask_ptrs, keep.to(tl.uint8), mask=ok)
-    if WRITE_WEIGHT:
-        tl.store(w_ptrs, tl.where(keep, w, tl.zeros_like(w)), mask=ok)
-    return ties_seen + tl.sum(tie.to(tl.int32), axis=1)
+def _count_rows(
+    w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
+    NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """One radix pass over whole rows: [BLOCK_R, NUM_BINS] digit counts at ``SHIFT``."""
+    counts = tl.zeros([BLOCK_R, NUM_BINS], dtype=tl.int32)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
+        _, keys, ok = _score_keys(
+            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
+            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+        )
+        counts += _digit_counts(keys, ok, prefix, SHIFT, NUM_BINS, RADIX_BITS, BLOCK_R, BLOCK_C)
+    return counts
+
+
+@triton.jit
+def _apply_rows(
+    w_ptr, mask_ptr, rows, row_ok, threshold, ties_to_prune, n_rows, n_cols, stride_wr,
+    stride_wc, grad_ptr, act_ptr, lam_ptr,
+    NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
+):
+    """Prune, per row, the keys below ``threshold`` and the first ``ties_to_prune`` keys equal
+    to it in column order; write the mask and/or zero W."""
+    ties_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
+        w, keys, ok = _score_keys(
+            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
+            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+        )
+        tie = (keys == threshold[:, None]) & ok
+        tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) + ties_seen[:, None]
+        keep = ~((keys < threshold[:, None]) | (tie & (tie_rank <= ties_to_prune[:, None])))
+        if WRITE_MASK:
+            tl.store(mask_ptr + rows * n_cols + cols, keep.to(tl.uint8), mask=ok)
+        if WRITE_WEIGHT:
+            tl.store(w_ptr + rows * stride_wr + cols * stride_wc,
+                     tl.where(keep, w, tl.zeros_like(w)), mask=ok)
+        ties_seen += tl.sum(tie.to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -104,35 +135,25 @@ def _row_select_kernel(
     NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
 ):
+    """Per row: radix-select the num_pruned-th smallest key, then prune (one launch)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row_ok = rows < n_rows
     prefix = tl.zeros([BLOCK_R], dtype=tl.int32)
     remaining = tl.zeros([BLOCK_R], dtype=tl.int32) + num_pruned
     for p in tl.static_range(NUM_PASSES):
-        counts = tl.zeros([BLOCK_R, NUM_BINS], dtype=tl.int32)
-        for start in range(0, n_cols, BLOCK_C):
-            cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
-            _, keys, ok = _score_keys(
-                w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
-                lam_ptr, n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
-            )
-            counts += _digit_counts(keys, ok, prefix, 32 - RADIX_BITS * (p + 1), NUM_BINS,
-                                    RADIX_BITS, BLOCK_R, BLOCK_C)
+        counts = _count_rows(
+            w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
+            lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX, BLOCK_R, BLOCK_C,
+            32 - RADIX_BITS * (p + 1), NUM_BINS, RADIX_BITS,
+        )
         prefix, remaining = _choose_digit(counts, prefix, remaining, NUM_BINS, RADIX_BITS)
-
     # prefix is now the key of the num_pruned-th smallest score of each row
-    ties_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
-        w, keys, ok = _score_keys(
-            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
-            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
-        )
-        ties_seen = _apply_chunk(
-            w, keys, ok, prefix, remaining, ties_seen, mask_ptr + rows * n_cols + cols,
-            w_ptr + rows * stride_wr + cols * stride_wc, WRITE_MASK, WRITE_WEIGHT,
-        )
+    _apply_rows(
+        w_ptr, mask_ptr, rows, row_ok, prefix, remaining, n_rows, n_cols, stride_wr, stride_wc,
+        grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+        BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
+    )
 
 
 @triton.jit
@@ -149,14 +170,11 @@ def _layer_count_kernel(
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row_ok = rows < n_rows
     prefix = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(prefix_ptr)
-    counts = tl.zeros([BLOCK_R, NUM_BINS], dtype=tl.int32)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
-        _, keys, ok = _score_keys(
-            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
-            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
-        )
-        counts += _digit_counts(keys, ok, prefix, SHIFT, NUM_BINS, RADIX_BITS, BLOCK_R, BLOCK_C)
+    counts = _count_rows(
+        w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
+        lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX, BLOCK_R, BLOCK_C, SHIFT,
+        NUM_BINS, RADIX_BITS,
+    )
     bins = tl.arange(0, NUM_BINS)[None, :]
     tl.store(counts_ptr + rows * NUM_BINS + bins, counts, mask=row_ok)
 
@@ -174,20 +192,13 @@ def _apply_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row_idx = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = row_idx[:, None]
-    row_ok = rows < n_rows
     threshold = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(threshold_ptr)
     ties_to_prune = tl.load(ties_ptr + row_idx, mask=row_idx < n_rows, other=0)
-    ties_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
-        w, keys, ok = _score_keys(
-            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
-            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
-        )
-        ties_seen = _apply_chunk(
-            w, keys, ok, threshold, ties_to_prune, ties_seen, mask_ptr + rows * n_cols + cols,
-            w_ptr + rows * stride_wr + cols * stride_wc, WRITE_MASK, WRITE_WEIGHT,
-        )
+    _apply_rows(
+        w_ptr, mask_ptr, rows, rows < n_rows, threshold, ties_to_prune, n_rows, n_cols,
+        stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT,
+        HAS_LAMBDA, AGG_MAX, BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
+    )
 
 
 def _tile(n_rows: int, n_cols: int, per_row_passes: bool):
@@ -217,7 +228,7 @@ def _layer_threshold(weight, meta, num_pruned, block_r, block_c):
         )
         totals = counts.sum(dim=0, dtype=torch.int64)
         digit = (totals.cumsum(0) < remaining).sum(dim=0, keepdim=True)
-        remaining = remaining - totals[bins < digit].sum()
+        remaining = remaining - torch.where(bins < digit, totals, 0).sum()
         prefix = (prefix << RADIX_BITS) | digit.to(torch.int32)
     # keys equal to the threshold, per row, are the last pass's counts of the chosen digit
     ties_per_row = counts.gather(1, digit.expand(n_rows, 1)).squeeze(1).to(torch.int64)
