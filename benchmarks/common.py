@@ -1,44 +1,17 @@
 """What every benchmark records beside its numbers: machine, versions, date; shared shapes."""
 
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
+from copal_kernels.machine import environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # LLaMA linear shapes [out, in]: q/k/v/o, gate/up, down
 LLAMA_7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 LLAMA_65B_SHAPES = [(8192, 8192), (22016, 8192), (8192, 22016)]
-
-
-def environment() -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def append_results(filename: str, records: list) -> Path:

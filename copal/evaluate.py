@@ -1,0 +1,50 @@
+"""Perplexity, streamed block by block like pruning, and the continual metrics of METHOD.md."""
+
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .model import LayeredModel
+from .sweep import BlockStates, embed_windows
+
+
+def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device="cpu",
+                 batch_size: int = 8, block_states: BlockStates = None,
+                 desc: str = "evaluate") -> Dict[str, float]:
+    """exp(mean next-token NLL over all predicted tokens) of each set of windows [N, S]; all sets
+    go through each block together, so every block is loaded once."""
+    names = list(test_sets)
+    windows = torch.cat([test_sets[n] for n in names])
+    owners = torch.cat([torch.full((len(test_sets[n]),), i) for i, n in enumerate(names)])
+    chunks = embed_windows(lm, windows, device, batch_size)
+    with torch.no_grad():
+        for index in tqdm(range(lm.num_blocks), desc=desc, unit="block", leave=False):
+            block = lm.load_block(index, device, block_states(index) if block_states else None)
+            chunks = [lm.run_block(block, h, lm.block_context(h)) for h in chunks]
+            lm.unload_block(index)
+        lm.norm.to(device)
+        lm.head.to(device)
+        nll = torch.zeros(len(names), dtype=torch.float64)
+        count = torch.zeros(len(names), dtype=torch.float64)
+        for hidden, ids, owner in zip(chunks, windows.split(batch_size), owners.split(batch_size)):
+            logits = lm.logits(hidden)[:, :-1].float()
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     ids[:, 1:].reshape(-1).to(device), reduction="none")
+            per_window = losses.reshape(len(ids), -1).double().cpu()
+            nll.index_add_(0, owner, per_window.sum(1))
+            count.index_add_(0, owner, torch.full((len(ids),), float(per_window.shape[1]),
+                                                  dtype=torch.float64))
+    return {name: math.exp(float(nll[i] / count[i])) for i, name in enumerate(names)}
+
+
+def bwt(matrix: List[List[float]]) -> Dict[str, float]:
+    """BWT mean and max over the first T-1 datasets, in perplexity points, from
+    ``matrix[t][i]`` = perplexity on dataset i after step t (T steps, T datasets or more)."""
+    last = len(matrix) - 1
+    if last < 1:
+        return {"bwt_mean": 0.0, "bwt_max": 0.0}
+    drops = [matrix[last][i] - matrix[i][i] for i in range(last)]
+    return {"bwt_mean": sum(drops) / len(drops), "bwt_max": max(drops)}

@@ -1,0 +1,141 @@
+"""A whole continual experiment from a small config: load the model and data once, evaluate the
+dense model, run each (method, protocol, pattern), save results after every run (a rerun with
+the same output directory skips finished runs), write the report and plots."""
+
+import json
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .assets import SMOLLM2_NAME, resolve_model
+from .continual import DenseWeights, RunSpec, run_continual
+from .data import make_dataset
+from .evaluate import perplexities
+from .model import LayeredModel, resolve_dtype
+from .report import print_summary, write_report
+from .state import save_state
+from copal_kernels.machine import environment
+
+
+@dataclass
+class ExperimentConfig:
+    model: str = SMOLLM2_NAME
+    sources: List[str] = field(default_factory=lambda: ["wiki", "kjv", "jargon"])
+    heldout: Optional[str] = None
+    num_calibration: int = 32
+    num_test: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 8
+    runs: List[RunSpec] = field(default_factory=lambda: [
+        RunSpec("copal", "continual", "50%"), RunSpec("wanda", "restart", "50%")])
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExperimentConfig":
+        data = dict(data)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        runs = [RunSpec(**run) for run in data.pop("runs", [])] or None
+        config = cls(**data)
+        if runs:
+            config.runs = runs
+        if not config.sources:
+            raise ValueError("config: sources is empty")
+        return config
+
+    @classmethod
+    def load(cls, path) -> "ExperimentConfig":
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            return cls.from_dict(tomllib.loads(text))
+        return cls.from_dict(json.loads(text))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def peak_host_mb() -> float:
+    """Peak resident memory of this process so far, MB (Linux reports KB)."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
+    """Run every run of ``config``; results in ``out_dir``/results.json, report.md, plots, and
+    one COPAL state file per COPAL run. Returns the results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.json"
+    config_dict = asdict(config)
+    results = {"config": config_dict, "environment": environment(), "runs": []}
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text())
+        if previous.get("config", {}) | {"runs": None} == config_dict | {"runs": None}:
+            results["runs"] = previous["runs"]
+            results["dense"] = previous.get("dense")
+            log(f"resuming: {len(results['runs'])} finished run(s) in {results_path}")
+    done = {run["label"] for run in results["runs"]}
+
+    model_dir = resolve_model(config.model, progress=log)
+    log(f"model {model_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = resolve_dtype(config.dtype, config.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    lm = LayeredModel.from_model(model)
+    dense = DenseWeights.snapshot(lm)
+    windows = dict(num_calibration=config.num_calibration, num_test=config.num_test,
+                   seq_len=config.seq_len, seed=config.seed)
+    datasets = [make_dataset(source, tokenizer, **windows) for source in config.sources]
+    heldout = make_dataset(config.heldout, tokenizer, **windows) if config.heldout else None
+    for d in datasets + ([heldout] if heldout else []):
+        log(f"dataset {d.name}: {len(d.calibration)} calibration, {len(d.test)} test windows")
+
+    if not results.get("dense"):
+        test_sets = {d.name: d.test for d in datasets}
+        if heldout is not None:
+            test_sets[f"heldout:{heldout.name}"] = heldout.test
+        results["dense"] = perplexities(lm, test_sets, device=config.device,
+                                        batch_size=config.batch_size, desc="dense evaluate")
+        log("dense: " + ", ".join(f"{k} {v:.2f}" for k, v in results["dense"].items()))
+        _write_json(results_path, results)
+
+    for spec in config.runs:
+        if spec.label in done:
+            log(f"{spec.label}: done before, skipped")
+            continue
+        log(f"{spec.label}:")
+        run = run_continual(lm, dense, datasets, spec, heldout=heldout, device=config.device,
+                            batch_size=config.batch_size, log=log)
+        history = run.pop("history")
+        if history:
+            state_name = "state-" + "".join(c if c.isalnum() else "_" for c in spec.label) + ".safetensors"
+            save_state(out_dir / state_name, history, {
+                "model": str(model_dir), "datasets": run["datasets"], "spec": run["spec"]})
+            run["state_file"] = state_name
+        run["peak_rss_mb"] = peak_host_mb()
+        results["runs"].append(run)
+        results["peak_rss_mb"] = peak_host_mb()
+        _write_json(results_path, results)
+
+    results["environment"] = environment()
+    results["peak_rss_mb"] = peak_host_mb()
+    _write_json(results_path, results)
+    report = write_report(results, out_dir)
+    print_summary(results, log)
+    log(f"\nresults {results_path}\nreport {report}")
+    return results

@@ -1,0 +1,244 @@
+"""Pruning methods: what each observes during the calibration forward, and how it prunes a block.
+
+A method is a small object with two verbs used by the sweep, which knows no method by name:
+``observe`` (a context manager that hooks a block's Linear layers and accumulates statistics)
+and ``prune_block`` (turn the statistics into masks through copal_kernels and apply them).
+"""
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import copal_kernels as ck
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """``unstructured`` with ``sparsity``, or ``nm`` keeping ``n`` of every ``m``."""
+
+    kind: str
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        """``"50%"``, ``"0.5"`` (unstructured) or ``"2:4"``, ``"4:8"`` (N:M, N kept)."""
+        text = str(text).strip()
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if match:
+            n, m = int(match.group(1)), int(match.group(2))
+            if not 1 <= n < m:
+                raise ValueError(f"pattern {text!r}: N:M needs 1 <= N < M")
+            return cls("nm", sparsity=1 - n / m, n=n, m=m)
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ValueError(f"pattern {text!r}: expected e.g. 50%, 0.5, 2:4 or 4:8") from None
+        if not 0 <= value < 1:
+            raise ValueError(f"pattern {text!r}: sparsity must be in [0, 1)")
+        return cls("unstructured", sparsity=value)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.sparsity:.0%}"
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        if self.kind == "nm" and in_features % self.m:
+            raise ValueError(f"pattern {self} does not divide layer {name}: in_features="
+                             f"{in_features} is not a multiple of {self.m}")
+
+
+class LayerStats:
+    """What a calibration forward leaves per Linear: input sum of squares, token and sample
+    counts, and (if asked) the Gram matrix ``sum x x^T`` for SparseGPT."""
+
+    def __init__(self, linear: nn.Linear, gram: bool):
+        device = linear.weight.device
+        self.act_sumsq = torch.zeros(linear.in_features, device=device)
+        self.gram = torch.zeros(linear.in_features, linear.in_features, device=device) if gram else None
+        self.tokens = 0
+        self.samples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        ck.channel_sumsq_(self.act_sumsq, x)
+        self.tokens += x.numel() // x.shape[-1]
+        self.samples += x.shape[0] if x.dim() == 3 else 1
+        if self.gram is not None:
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            self.gram.addmm_(flat.t(), flat)
+
+
+class Method:
+    name = "base"
+    needs_gram = False
+    needs_acts = True
+
+    @contextlib.contextmanager
+    def observe(self, linears: Dict[str, nn.Linear]):
+        """Hook ``linears``; yields {name: LayerStats} filled by every forward inside."""
+        stats = {name: LayerStats(linear, self.needs_gram) for name, linear in linears.items()}
+        handles = []
+        if self.needs_acts or self.needs_gram:
+            for name, linear in linears.items():
+                handles.append(linear.register_forward_pre_hook(
+                    lambda module, args, s=stats[name]: s.add(args[0].detach())))
+        try:
+            yield stats
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def prune_block(self, block_index: int, linears: Dict[str, nn.Linear],
+                    stats: Dict[str, LayerStats], pattern: Pattern) -> None:
+        raise NotImplementedError
+
+
+def _prune(weight: torch.Tensor, pattern: Pattern, grads=None, acts=None, group="row", **kw):
+    if pattern.kind == "nm":
+        ck.nm_prune_(weight, grads, acts, n=pattern.n, m=pattern.m, **kw)
+    else:
+        ck.unstructured_prune_(weight, grads, acts, sparsity=pattern.sparsity, group=group, **kw)
+
+
+class Magnitude(Method):
+    """|W|; one threshold per layer for unstructured, per-row groups for N:M."""
+
+    name = "magnitude"
+    needs_acts = False
+
+    def prune_block(self, block_index, linears, stats, pattern):
+        for linear in linears.values():
+            _prune(linear.weight.data, pattern, group="layer")
+
+
+class Wanda(Method):
+    """|W| * sqrt(scaler_row), scaler_row = mean over samples of each sample's sum of x^2."""
+
+    name = "wanda"
+
+    def prune_block(self, block_index, linears, stats, pattern):
+        for name, linear in linears.items():
+            scaler_row = stats[name].act_sumsq / max(stats[name].samples, 1)
+            _prune(linear.weight.data, pattern, None, torch.sqrt(scaler_row))
+
+
+class SparseGPT(Method):
+    """OBS pruning with weight updates: H = 2 X X^T / n, 1% dampening, blocks of 128 columns,
+    the mask chosen per block (unstructured, exact count) or per N:M group."""
+
+    name = "sparsegpt"
+    needs_gram = True
+    needs_acts = False
+    block_size = 128
+    dampening = 0.01
+
+    def prune_block(self, block_index, linears, stats, pattern):
+        for name, linear in linears.items():
+            hessian = stats[name].gram * (2.0 / max(stats[name].tokens, 1))
+            linear.weight.data.copy_(self.prune_layer(linear.weight.data, hessian, pattern))
+
+    def prune_layer(self, weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern):
+        W = weight.to(torch.float32).clone()
+        H = hessian.clone()
+        columns = W.shape[1]
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        H += self.dampening * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        for start in range(0, columns, self.block_size):
+            end = min(start + self.block_size, columns)
+            W1 = W[:, start:end].clone()
+            Hinv1 = Hinv[start:end, start:end]
+            diag = torch.diag(Hinv1)
+            errors = torch.zeros_like(W1)
+            pruned = None
+            if pattern.kind == "unstructured":
+                score = W1 ** 2 / diag[None, :] ** 2
+                pruned = ~ck.unstructured_mask(score, sparsity=pattern.sparsity, group="layer")
+            else:
+                pruned = torch.zeros_like(W1, dtype=torch.bool)
+            for i in range(end - start):
+                if pattern.kind == "nm" and i % pattern.m == 0:
+                    group = slice(i, i + pattern.m)
+                    score = W1[:, group] ** 2 / diag[None, group] ** 2
+                    pruned[:, group] = ~ck.nm_mask(score, n=pattern.n, m=pattern.m)
+                w = W1[:, i]
+                q = torch.where(pruned[:, i], torch.zeros_like(w), w)
+                error = (w - q) / Hinv1[i, i]
+                W1[:, i:] -= error[:, None] * Hinv1[i, i:][None, :]
+                W1[:, i] = q
+                errors[:, i] = error
+            W[:, start:end] = W1
+            W[:, end:] -= errors @ Hinv[start:end, end:]
+        return W.to(weight.dtype)
+
+
+@dataclass
+class LayerHistory:
+    """COPAL's state of one layer: the normalised vectors of every step so far."""
+
+    grads: List[torch.Tensor]  # ga_t, fp32 [out]
+    acts: List[torch.Tensor]  # aa_t, fp32 [in]
+
+
+def normalised(vector: torch.Tensor) -> torch.Tensor:
+    mean = vector.mean()
+    return vector / mean if float(mean) > 0 else torch.ones_like(vector)
+
+
+class Copal(Method):
+    """COPAL (METHOD.md): I_t = |W0| * sum_s lambda_s ga_s[i] aa_s[j]; masks from W0 each step.
+
+    ``history`` is the continual state ({block.layer: LayerHistory}); the sweep's step appends
+    this step's vectors and prunes the dense weights with all steps so far. ``grad_norms``
+    holds this step's g_t per layer (from the gradient pass) or is None (``gradient="none"``).
+    """
+
+    name = "copal"
+
+    def __init__(self, history: Dict[str, LayerHistory], grad_norms: Optional[Dict[str, torch.Tensor]],
+                 aggregation: str = "sum", step_weights: Optional[List[float]] = None):
+        self.history = history
+        self.grad_norms = grad_norms
+        self.aggregation = aggregation
+        self.step_weights = step_weights
+
+    def prune_block(self, block_index, linears, stats, pattern):
+        for name, linear in linears.items():
+            key = f"{block_index}.{name}"
+            act_norms = torch.sqrt(stats[name].act_sumsq / max(stats[name].tokens, 1))
+            if self.grad_norms is not None:
+                grad = self.grad_norms[key].to(act_norms.device)
+            else:
+                grad = torch.ones(linear.out_features, device=act_norms.device)
+            layer = self.history.setdefault(key, LayerHistory([], []))
+            layer.grads.append(normalised(grad).cpu())
+            layer.acts.append(normalised(act_norms).cpu())
+            device = linear.weight.device
+            grads = torch.stack(layer.grads).to(device)
+            acts = torch.stack(layer.acts).to(device)
+            weights = None
+            if self.step_weights is not None:
+                weights = torch.tensor(self.step_weights[: len(layer.grads)], device=device)
+            _prune(linear.weight.data, pattern, grads, acts, aggregation=self.aggregation,
+                   step_weights=weights)
+
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
+
+
+def make_method(name: str, **copal_options) -> Method:
+    if name == "magnitude":
+        return Magnitude()
+    if name == "wanda":
+        return Wanda()
+    if name == "sparsegpt":
+        return SparseGPT()
+    if name == "copal":
+        return Copal(**copal_options)
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,243 @@
+"""A LLaMA-family causal LM seen as embeddings -> decoder blocks -> final norm -> head, with the
+blocks run and (for checkpoints on disk) materialised one at a time.
+
+The parts are found from the config and the module tree (the ModuleList of
+``config.num_hidden_layers`` blocks, the input/output embeddings, the module holding the rotary
+``inv_freq``), never from name strings; checkpoint keys are the modules' qualified names.
+"""
+
+import inspect
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .checkpoint import CheckpointError, ShardReader
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """``"auto"``: bf16 on a GPU, fp32 on a CPU (CPUs without bf16 matrix units, such as the
+    project's 2-core machines, run bf16 matmuls several times slower than fp32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a supported LLaMA-family decoder."""
+
+
+def _check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+class LayeredModel:
+    """Block-wise access to a causal LM.
+
+    Build with :meth:`from_model` (an in-memory ``PreTrainedModel``; its blocks are used in
+    place) or :meth:`from_checkpoint` (a directory of safetensors shards; only the non-block parts
+    are loaded up front, each block is read from its shards by :meth:`load_block` and dropped by
+    :meth:`unload_block`).
+    """
+
+    def __init__(self, model: PreTrainedModel, reader: Optional[ShardReader] = None,
+                 source: Optional[Path] = None):
+        _check_supported(model.config)
+        model.requires_grad_(False)
+        self.model = model
+        self.config = model.config
+        self.reader = reader
+        self.source = source
+        self.dtype = next(model.get_input_embeddings().parameters()).dtype
+        base = model.base_model
+        blocks = [m for m in base.children()
+                  if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers]
+        rotary = [m for m in base.children() if hasattr(m, "inv_freq")]
+        if len(blocks) != 1 or len(rotary) != 1:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: cannot find one list of {model.config.num_hidden_layers} "
+                "decoder blocks and one rotary embedding"
+            )
+        self.blocks: nn.ModuleList = blocks[0]
+        self.rotary = rotary[0]
+        self.embed = model.get_input_embeddings()
+        self.head = model.get_output_embeddings()
+        named = {id(module): name for name, module in model.named_modules()}
+        others = [m for m in base.children()
+                  if m is not self.blocks and m is not self.rotary and m is not self.embed
+                  and any(True for _ in m.parameters())]
+        if len(others) != 1:
+            raise UnsupportedModelError(f"{type(model).__name__}: cannot find the final norm")
+        self.norm = others[0]
+        self.block_names = [named[id(block)] for block in self.blocks]
+        for index, block in enumerate(self.blocks):
+            linears = self.linears(block)
+            if len(linears) != 7:
+                raise UnsupportedModelError(
+                    f"block {index} has {len(linears)} Linear layers, expected 7 "
+                    "(q, k, v, o, gate, up, down)"
+                )
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: PreTrainedModel) -> "LayeredModel":
+        return cls(model)
+
+    @classmethod
+    def from_checkpoint(cls, directory, dtype: torch.dtype = torch.bfloat16) -> "LayeredModel":
+        """Open a local checkpoint; loads embeddings, final norm and head, no block."""
+        directory = Path(directory)
+        reader = ShardReader(directory)
+        config = AutoConfig.from_pretrained(directory)
+        _check_supported(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        layered = cls(model, reader, directory)
+        layered._materialise_outer()
+        return layered
+
+    def _materialise_outer(self) -> None:
+        """Load every parameter outside the blocks and rebuild the rotary buffers on the host."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        block_ids = {id(p) for p in self.blocks.parameters()}
+        wanted = {}
+        for module in (self.embed, self.norm, self.head):
+            for pname, param in module.named_parameters():
+                if id(param) in block_ids:
+                    continue
+                wanted[f"{names[id(module)]}.{pname}"] = (module, pname)
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        head_key = f"{names[id(self.head)]}.weight"
+        if tied or head_key not in self.reader.weight_map:
+            wanted.pop(head_key, None)
+        tensors = self.reader.read(wanted)
+        for key, (module, pname) in wanted.items():
+            setattr(module, pname, nn.Parameter(tensors[key].to(self.dtype), requires_grad=False))
+        if head_key not in wanted:
+            if not tied and head_key not in self.reader.weight_map:
+                raise CheckpointError(f"{self.source}: no {head_key} and embeddings are not tied")
+            self.head.weight = self.embed.weight
+        rotary_name = names[id(self.rotary)].rsplit(".", 1)
+        fresh = type(self.rotary)(config=self.config)
+        parent = self.model.get_submodule(rotary_name[0]) if len(rotary_name) == 2 else self.model
+        setattr(parent, rotary_name[-1], fresh)
+        self.rotary = fresh
+
+    # ---- blocks -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def lazy(self) -> bool:
+        return self.reader is not None
+
+    @staticmethod
+    def linears(block: nn.Module) -> Dict[str, nn.Linear]:
+        """The prunable layers of a block: every nn.Linear, by name relative to the block."""
+        return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+    def block_keys(self, index: int):
+        prefix = self.block_names[index]
+        return {f"{prefix}.{name}": name for name, _ in self.blocks[index].named_parameters()}
+
+    def read_block_state(self, index: int) -> Dict[str, torch.Tensor]:
+        """The block's tensors as stored in the source checkpoint (names relative to the block)."""
+        keys = self.block_keys(index)
+        tensors = self.reader.read(keys)
+        return {keys[key]: tensor.to(self.dtype) for key, tensor in tensors.items()}
+
+    def load_block(self, index: int, device, state: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
+        """Put block ``index`` on ``device`` (reading it from the checkpoint when lazy, or taking
+        ``state``) and return it."""
+        block = self.blocks[index]
+        if state is None and self.lazy:
+            state = self.read_block_state(index)
+        if state is not None:
+            if any(p.is_meta for p in block.parameters()):  # lazy: the loaded tensors become the block
+                block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True,
+                                      assign=True)
+                block.requires_grad_(False)
+            else:  # copy into the block's own tensors, never alias (pruning writes in place)
+                block.to(device)
+                block.load_state_dict(state, strict=True)
+        return block.to(device)
+
+    def unload_block(self, index: int, device="cpu") -> None:
+        """Move a finished block off the accelerator; a lazy model drops its weights entirely."""
+        self.blocks[index].to("meta" if self.lazy else device)
+
+    def block_state(self, index: int) -> Dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.blocks[index].state_dict().items()}
+
+    def outer_state(self) -> Dict[str, torch.Tensor]:
+        """Every tensor outside the blocks, by checkpoint key (tied weights once)."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        state, seen = {}, set()
+        for module in (self.embed, self.norm, self.head):
+            for pname, param in module.named_parameters():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                state[f"{names[id(module)]}.{pname}"] = param.detach()
+        return state
+
+    # ---- running ------------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def block_context(self, hidden: torch.Tensor):
+        """(position_embeddings, attention_mask, position_ids) for a batch of full windows."""
+        batch, seq = hidden.shape[:2]
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        self.rotary.to(hidden.device)
+        position_embeddings = self.rotary(hidden, position_ids)
+        mask = _causal_mask(self.config, hidden, position_ids)
+        return position_embeddings, mask, position_ids
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, context) -> torch.Tensor:
+        position_embeddings, mask, position_ids = context
+        output = block(hidden, attention_mask=mask, position_ids=position_ids,
+                       position_embeddings=position_embeddings, use_cache=False)
+        return output[0] if isinstance(output, tuple) else output  # 4.x returns a tuple
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+
+_MASK_PARAMS = None
+
+
+def _causal_mask(config, hidden, position_ids):
+    """The causal mask the blocks expect (None under sdpa), across transformers versions whose
+    ``create_causal_mask`` parameters differ."""
+    global _MASK_PARAMS
+    from transformers.masking_utils import create_causal_mask
+
+    if _MASK_PARAMS is None:
+        _MASK_PARAMS = list(inspect.signature(create_causal_mask).parameters)
+    seq = hidden.shape[1]
+    values = {
+        "config": config,
+        "input_embeds": hidden,
+        "inputs_embeds": hidden,
+        "attention_mask": None,
+        "cache_position": torch.arange(seq, device=hidden.device),
+        "past_key_values": None,
+        "cache": None,
+        "position_ids": position_ids,
+    }
+    return create_causal_mask(**{name: values[name] for name in _MASK_PARAMS if name in values})

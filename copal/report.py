@@ -1,0 +1,143 @@
+"""Results -> tables (printed and markdown) and plots (matplotlib, optional)."""
+
+from collections import defaultdict
+from pathlib import Path
+from typing import List
+
+from .methods import Pattern
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def p_matrix_table(run: dict) -> str:
+    header = ["after step"] + run["datasets"]
+    if run.get("heldout"):
+        header.append(f"held-out {run['heldout']['name']}")
+    rows = []
+    for t, row in enumerate(run["P"]):
+        cells = [f"{t + 1} ({run['datasets'][t]})"] + [_fmt(v) for v in row]
+        if run.get("heldout"):
+            cells.append(_fmt(run["heldout"]["ppl"][t]))
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def bwt_table(results: dict) -> str:
+    header = ["run", "BWT mean", "BWT max", "final mean ppl", "diagonal P[t][t]", "time (s)"]
+    rows = [[run["label"], _fmt(run["bwt_mean"]), _fmt(run["bwt_max"]), _fmt(run["final_mean"]),
+             " / ".join(_fmt(v) for v in run["diagonal"]), f"{run['seconds']:.0f}"]
+            for run in results["runs"]]
+    return markdown_table(header, rows)
+
+
+def dense_table(results: dict) -> str:
+    dense = results["dense"]
+    return markdown_table(list(dense), [[_fmt(v) for v in dense.values()]])
+
+
+def render_markdown(results: dict, plots: List[Path]) -> str:
+    env = results["environment"]
+    config = results["config"]
+    parts = [
+        "# Continual pruning report",
+        f"Model `{config['model']}`, sequence {' -> '.join(config['sources'])}, "
+        f"{config['num_calibration']} calibration windows and {config['num_test']} test windows "
+        f"of {config['seq_len']} tokens per dataset (seed {config['seed']}).",
+        f"Run on {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['date']}; peak host memory {results.get('peak_rss_mb', 0):.0f} MB.",
+        "## Dense model perplexity", dense_table(results),
+        "## Backward transfer (perplexity points; above 0 is forgetting)", bwt_table(results),
+        "BWT alone flatters stasis: read it beside the diagonal and the final mean perplexity.",
+        "## Perplexity matrices P[t][i] (rows: after step t; columns: dataset i)",
+    ]
+    for run in results["runs"]:
+        parts += [f"### {run['label']}", p_matrix_table(run)]
+    if plots:
+        parts.append("## Plots")
+        parts += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n\n".join(parts) + "\n"
+
+
+def make_plots(results: dict, directory: Path) -> List[Path]:
+    """BWT of every run; BWT against sparsity (the paper's Figure 1) and against the number of
+    calibration samples (Figure 3) where the runs vary those. Empty if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    runs = results["runs"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs)), 3.5))
+    xs = range(len(runs))
+    ax.bar([x - 0.2 for x in xs], [r["bwt_mean"] for r in runs], width=0.4, label="BWT mean")
+    ax.bar([x + 0.2 for x in xs], [r["bwt_max"] for r in runs], width=0.4, label="BWT max")
+    ax.set_xticks(list(xs), [r["label"] for r in runs], rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("perplexity points")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(directory / "bwt.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    def line_plot(filename, key_of, xlabel, title):
+        series = defaultdict(list)
+        for run in runs:
+            x = key_of(run)
+            if x is not None:
+                spec = run["spec"]
+                series[f"{spec['method']}-{spec['protocol']}"].append((x, run))
+        if not any(len({x for x, _ in pts}) > 1 for pts in series.values()):
+            return
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for name, points in series.items():
+            points.sort(key=lambda p: p[0])
+            for axis, metric in zip(axes, ("bwt_mean", "bwt_max")):
+                axis.plot([p[0] for p in points], [p[1][metric] for p in points], marker="o", label=name)
+        for axis, metric in zip(axes, ("mean BWT", "worst BWT")):
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel(metric)
+            axis.axhline(0, color="black", linewidth=0.5)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        paths.append(directory / filename)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    def sparsity_of(run):
+        pattern = Pattern.parse(run["spec"]["pattern"])
+        return pattern.sparsity if pattern.kind == "unstructured" else None
+
+    line_plot("bwt_vs_sparsity.png", sparsity_of, "sparsity", "BWT against sparsity (Figure 1)")
+    line_plot("bwt_vs_samples.png",
+              lambda r: r["spec"]["num_calibration"] or r.get("calibration_windows"),
+              "calibration samples", "BWT against calibration samples (Figure 3)")
+    return paths
+
+
+def write_report(results: dict, directory) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(results, directory)
+    path = directory / "report.md"
+    path.write_text(render_markdown(results, plots))
+    return path
+
+
+def print_summary(results: dict, out=print) -> None:
+    out("\nDense perplexity:\n" + dense_table(results))
+    for run in results["runs"]:
+        out(f"\nP matrix, {run['label']}:\n" + p_matrix_table(run))
+    out("\nBWT:\n" + bwt_table(results))

@@ -1,0 +1,36 @@
+"""Sources, splits and windows of the standard protocol, on local files."""
+
+import pytest
+import torch
+
+from copal.data import DataError, hf_text, load_text, make_dataset, tokenize_corpus
+
+from .tiny import word_tokenizer
+
+
+def test_windows_follow_the_protocol(corpus):
+    tokenizer = word_tokenizer(96)
+    ids = tokenize_corpus(str(corpus), tokenizer)
+    dataset = make_dataset(str(corpus), tokenizer, num_calibration=5, num_test=3, seq_len=16)
+    train, test = ids[: int(0.9 * len(ids))], ids[int(0.9 * len(ids)):]
+    starts = torch.randint(0, len(train) - 16, (5,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dataset.calibration, torch.stack([train[s:s + 16] for s in starts]))
+    assert torch.equal(dataset.test, test[:48].reshape(3, 16))
+    again = make_dataset(str(corpus), tokenizer, num_calibration=5, num_test=3, seq_len=16)
+    assert torch.equal(again.calibration, dataset.calibration), "deterministic"
+
+
+def test_folder_source_and_errors(tmp_path, corpus):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first file.")
+    (folder / "b.txt").write_text("second file.")
+    assert load_text(str(folder)) == "first file.\n\nsecond file."
+    (tmp_path / "none").mkdir()
+    with pytest.raises(DataError, match="no .txt files"):
+        load_text(str(tmp_path / "none"))
+
+
+def test_hugging_face_loader_on_local_rows():
+    rows = [{"text": " = Title = \n"}, {"text": "A sentence .\n"}]
+    assert hf_text(rows, "text", "\n\n") == " = Title = \n\n\nA sentence .\n"
