@@ -121,6 +121,8 @@ def source_id(source: str) -> str:
     if source in SOURCES:
         return source
     path = Path(source)
+    if not path.exists():
+        load_text(source)  # raises the unknown-source error
     digest = hashlib.sha256()
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     for f in files:

@@ -224,7 +224,8 @@ class Copal(Method):
             acts = torch.stack(layer.acts).to(device)
             weights = None
             if self.step_weights is not None:
-                weights = torch.tensor(self.step_weights[: len(layer.grads)], device=device)
+                weights = torch.tensor(self.step_weights[: len(layer.grads)], device=device,
+                                       dtype=torch.float32)
             _prune(linear.weight.data, pattern, grads, acts, aggregation=self.aggregation,
                    step_weights=weights)
 
