@@ -1,6 +1,6 @@
 """``copal``: prune, continue, evaluate, run a continual experiment, render a report.
 
-    copal experiment [--config FILE.toml|.json] [--out DIR]     # default: the README's main job
+    copal experiment [--config FILE.toml|.json] [--out DIR]
     copal prune --model DIR --data SOURCE --method wanda --pattern 2:4 --out DIR
     copal continue --state FILE --data SOURCE --out DIR
     copal evaluate --model DIR --data SOURCE [SOURCE ...]
@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     exp = sub.add_parser("experiment", help="run a continual experiment; report and plots")
-    exp.add_argument("--config", help="TOML or JSON file (see docs/usage.md); default: SmolLM2-135M, "
-                     "wiki -> kjv -> jargon, 50%%, COPAL against Wanda-restart")
+    exp.add_argument("--config", help="TOML or JSON file (see docs/usage.md); default: the "
+                     "standard protocol (SmolLM2-135M, wiki -> kjv -> jargon, 32 x 512 tokens), "
+                     "50%%, COPAL against Wanda-restart")
     exp.add_argument("--out", default="runs/main", help="results directory (default runs/main)")
     exp.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                      help="override a config key, e.g. --set num_calibration=8")
