@@ -68,19 +68,24 @@ def _jargon() -> str:
     raise DataError("the jargon corpus needs Debian's jargon-text: apt-get install -y jargon-text")
 
 
-def hf_text(dataset, field: str, separator: str) -> str:
-    """Join one text field of a Hugging Face dataset (any iterable of dicts)."""
-    return separator.join(row[field] for row in dataset)
+class HuggingFaceSource:
+    """A corpus loaded with ``datasets.load_dataset`` and one text field joined, as the Wanda and
+    SparseGPT loaders do. ``load(**overrides)`` changes any ``load_dataset`` argument (tests point
+    it at small local files)."""
 
+    def __init__(self, path: str, name, split: str, field: str, separator: str, **kwargs):
+        self.arguments = dict(path=path, name=name, split=split, **kwargs)
+        self.field, self.separator = field, separator
 
-def _hf(path: str, name, split: str, field: str, separator: str, **kwargs) -> Callable[[], str]:
-    def load() -> str:
+    def load(self, **overrides) -> str:
         try:
             import datasets
         except ImportError as error:
             raise DataError("this corpus needs Hugging Face datasets: pip install datasets") from error
-        return hf_text(datasets.load_dataset(path, name, split=split, **kwargs), field, separator)
-    return load
+        rows = datasets.load_dataset(**{**self.arguments, **overrides})
+        return self.separator.join(row[self.field] for row in rows)
+
+    __call__ = load
 
 
 SOURCES: Dict[str, Callable[[], str]] = {
@@ -88,10 +93,10 @@ SOURCES: Dict[str, Callable[[], str]] = {
     "kjv": _kjv,
     "jargon": _jargon,
     # the paper's sets, for users with a network (the loaders of Wanda/SparseGPT join them so)
-    "wikitext2": _hf("wikitext", "wikitext-2-raw-v1", "train", "text", "\n\n"),
-    "ptb": _hf("ptb_text_only", "penn_treebank", "train", "sentence", " "),
-    "c4": _hf("allenai/c4", None, "validation", "text", " ",
-              data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
+    "wikitext2": HuggingFaceSource("wikitext", "wikitext-2-raw-v1", "train", "text", "\n\n"),
+    "ptb": HuggingFaceSource("ptb_text_only", "penn_treebank", "train", "sentence", " "),
+    "c4": HuggingFaceSource("allenai/c4", None, "validation", "text", " ",
+                            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
 }
 
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from copal.data import DataError, hf_text, load_text, make_dataset, tokenize_corpus
+import json
+
+from copal.data import SOURCES, DataError, load_text, make_dataset, tokenize_corpus
 
 from .tiny import word_tokenizer
 
@@ -31,6 +33,12 @@ def test_folder_source_and_errors(tmp_path, corpus):
         load_text(str(tmp_path / "none"))
 
 
-def test_hugging_face_loader_on_local_rows():
-    rows = [{"text": " = Title = \n"}, {"text": "A sentence .\n"}]
-    assert hf_text(rows, "text", "\n\n") == " = Title = \n\n\nA sentence .\n"
+@pytest.mark.parametrize("source,field,separator", [
+    ("wikitext2", "text", "\n\n"), ("ptb", "sentence", " "), ("c4", "text", " ")])
+def test_hugging_face_loaders_on_local_files(tmp_path, source, field, separator):
+    pytest.importorskip("datasets")
+    rows = [{field: " = Title = "}, {field: "A sentence ."}, {field: "Another one ."}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    text = SOURCES[source].load(path="json", name=None, data_files=str(path), split="train")
+    assert text == separator.join(row[field] for row in rows)
