@@ -71,7 +71,7 @@ class DenseWeights:
         return self.blocks[index]
 
 
-def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, desc):
+def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc):
     """One COPAL step: gradient pass on W0 (unless gradient='none'), then the sweep from W0."""
     grads = None
     if spec.gradient == "lm":
@@ -80,12 +80,12 @@ def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size
     method = make_method("copal", history=history, grad_norms=grads,
                          aggregation=spec.aggregation, step_weights=spec.step_weights)
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
-                block_states=dense, desc=f"{desc} prune")
+                block_states=dense, offload_activations=offload, desc=f"{desc} prune")
 
 
 def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset], spec: RunSpec, *,
                   heldout: Optional[Dataset] = None, device="cpu", batch_size: int = 8,
-                  log=print) -> dict:
+                  offload_activations: bool = False, log=print) -> dict:
     """Run ``spec`` over ``datasets`` in order; after each step evaluate every dataset (and the
     held-out one). Leaves ``lm`` holding the last step's pruned weights."""
     pattern = Pattern.parse(spec.pattern)
@@ -105,13 +105,14 @@ def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset]
                                  else d.calibration for d in datasets[: step + 1]])
         if spec.method == "copal":
             copal_step(lm, dense, history, windows, pattern, spec, device=device,
-                       batch_size=batch_size, desc=desc)
+                       batch_size=batch_size, offload=offload_activations, desc=desc)
         else:
             start_from = None if spec.protocol == "cascade" else dense
             prune_sweep(lm, windows, make_method(spec.method), pattern, device=device,
-                        batch_size=batch_size, block_states=start_from, desc=f"{desc} prune")
+                        batch_size=batch_size, block_states=start_from,
+                        offload_activations=offload_activations, desc=f"{desc} prune")
         ppl = perplexities(lm, test_sets, device=device, batch_size=batch_size,
-                           desc=f"{desc} evaluate")
+                           offload_activations=offload_activations, desc=f"{desc} evaluate")
         step_seconds.append(time.perf_counter() - started)
         matrix.append([ppl[d.name] for d in datasets])
         if heldout is not None:

@@ -8,29 +8,29 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import LayeredModel
-from .sweep import BlockStates, embed_windows
+from .sweep import BlockStates, embed_windows, run_blocks
 
 
 def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device="cpu",
                  batch_size: int = 8, block_states: BlockStates = None,
-                 desc: str = "evaluate") -> Dict[str, float]:
+                 offload_activations: bool = False, desc: str = "evaluate") -> Dict[str, float]:
     """exp(mean next-token NLL over all predicted tokens) of each set of windows [N, S]; all sets
     go through each block together, so every block is loaded once."""
     names = list(test_sets)
     windows = torch.cat([test_sets[n] for n in names])
     owners = torch.cat([torch.full((len(test_sets[n]),), i) for i, n in enumerate(names)])
-    chunks = embed_windows(lm, windows, device, batch_size)
+    chunks = embed_windows(lm, windows, device, batch_size, offload_activations)
     with torch.no_grad():
         for index in tqdm(range(lm.num_blocks), desc=desc, unit="block", leave=False):
             block = lm.load_block(index, device, block_states(index) if block_states else None)
-            chunks = [lm.run_block(block, h, lm.block_context(h)) for h in chunks]
+            chunks = run_blocks(lm, block, chunks, device, offload_activations)
             lm.unload_block(index)
         lm.norm.to(device)
         lm.head.to(device)
         nll = torch.zeros(len(names), dtype=torch.float64)
         count = torch.zeros(len(names), dtype=torch.float64)
         for hidden, ids, owner in zip(chunks, windows.split(batch_size), owners.split(batch_size)):
-            logits = lm.logits(hidden)[:, :-1].float()
+            logits = lm.logits(hidden.to(device))[:, :-1].float()
             losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      ids[:, 1:].reshape(-1).to(device), reduction="none")
             per_window = losses.reshape(len(ids), -1).double().cpu()

@@ -35,6 +35,7 @@ class ExperimentConfig:
     device: str = "cpu"
     dtype: str = "auto"
     batch_size: int = 8
+    offload_activations: bool = False  # keep activations in pinned host memory between blocks
     runs: List[RunSpec] = field(default_factory=lambda: [
         RunSpec("copal", "continual", "50%"), RunSpec("wanda", "restart", "50%")])
 
@@ -63,6 +64,11 @@ class ExperimentConfig:
         return cls.from_dict(json.loads(text))
 
 
+# what the numbers depend on: a results directory made with the same values is resumed
+RESULT_KEYS = ("model", "sources", "heldout", "num_calibration", "num_test", "seq_len", "seed",
+               "dtype")
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
@@ -84,8 +90,9 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     config_dict = asdict(config)
     results = {"config": config_dict, "environment": environment(), "runs": []}
     if results_path.is_file():
-        previous = json.loads(results_path.read_text())
-        if previous.get("config", {}) | {"runs": None} == config_dict | {"runs": None}:
+        previous = json.loads(results_path.read_text()).get("config", {})
+        if all(previous.get(key) == config_dict[key] for key in RESULT_KEYS):
+            previous = json.loads(results_path.read_text())
             results["runs"] = previous["runs"]
             results["dense"] = previous.get("dense")
             log(f"resuming: {len(results['runs'])} finished run(s) in {results_path}")
@@ -110,7 +117,9 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
         if heldout is not None:
             test_sets[f"heldout:{heldout.name}"] = heldout.test
         results["dense"] = perplexities(lm, test_sets, device=config.device,
-                                        batch_size=config.batch_size, desc="dense evaluate")
+                                        batch_size=config.batch_size,
+                                        offload_activations=config.offload_activations,
+                                        desc="dense evaluate")
         log("dense: " + ", ".join(f"{k} {v:.2f}" for k, v in results["dense"].items()))
         _write_json(results_path, results)
 
@@ -120,7 +129,8 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
             continue
         log(f"{spec.label}:")
         run = run_continual(lm, dense, datasets, spec, heldout=heldout, device=config.device,
-                            batch_size=config.batch_size, log=log)
+                            batch_size=config.batch_size,
+                            offload_activations=config.offload_activations, log=log)
         history = run.pop("history")
         if history:
             state_name = "state-" + "".join(c if c.isalnum() else "_" for c in spec.label) + ".safetensors"

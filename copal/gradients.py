@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import copal_kernels as ck
 
 from .model import LayeredModel
-from .sweep import BlockStates, embed_windows
+from .sweep import BlockStates, embed_windows, run_blocks
 
 
 def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", batch_size: int = 8,
@@ -29,7 +29,7 @@ def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", bat
         for index in tqdm(range(lm.num_blocks), desc=f"{desc} (forward)", unit="block", leave=False):
             block = lm.load_block(index, device, block_states(index) if block_states else None)
             inputs.append([h.cpu() for h in chunks])
-            chunks = [lm.run_block(block, h, lm.block_context(h)) for h in chunks]
+            chunks = run_blocks(lm, block, chunks, device)
             lm.unload_block(index)
 
     grads = []
