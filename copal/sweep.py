@@ -53,7 +53,8 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
     """
     if len(windows) == 0:
         raise ValueError("no calibration windows: the dataset is empty")
-    chunks = embed_windows(lm, windows, device, batch_size, offload_activations)
+    observes = method.needs_acts or method.needs_gram
+    chunks = embed_windows(lm, windows, device, batch_size, offload_activations) if observes else []
     for index in tqdm(range(lm.num_blocks), desc=desc, unit="block", leave=False):
         block = lm.load_block(index, device, block_states(index) if block_states else None)
         linears = lm.linears(block)
@@ -61,10 +62,10 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
             pattern.check_layer(f"block {index} {name}", linear.in_features)
         with torch.no_grad():
             with method.observe(linears) as stats:
-                if method.needs_acts or method.needs_gram:
-                    run_blocks(lm, block, chunks, device, offload_activations)
+                run_blocks(lm, block, chunks, device, offload_activations)
             method.prune_block(index, linears, stats, pattern)
-            chunks = run_blocks(lm, block, chunks, device, offload_activations)
+            if observes and index + 1 < lm.num_blocks:  # the next block's inputs
+                chunks = run_blocks(lm, block, chunks, device, offload_activations)
         if on_block_done is not None:
             on_block_done(index, block)
         lm.unload_block(index)

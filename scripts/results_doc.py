@@ -1,0 +1,60 @@
+"""Compose docs/results.md from the results directories of scripts/run_results.sh.
+
+    .venv/bin/python scripts/results_doc.py runs/results-50 runs/results-2of4 runs/results-4of8
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from copal.report import bwt_table, dense_table, p_matrix_table
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+INTRO = """# Results
+
+Every number here comes from `scripts/run_results.sh` (`copal experiment` on the configs in
+`configs/`), on the machine and versions given with each table; this page is composed by
+`python scripts/results_doc.py runs/results-*`. Model: SmolLM2-135M-Instruct (the real offline
+checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
+every Linear of the decoder blocks prunable. **Windows: 16 calibration and 16 test windows of 256
+tokens per dataset** (the main job's), not the standard protocol's 32 x 512, which did not fit the
+2-core CPU's time in the session that ran these; `configs/standard.toml` runs the full protocol.
+Wall times were taken while other work shared the two cores; the main job alone took 9 min 39 s
+(`copal experiment --config configs/main.toml`, two runs, dense evaluation included).
+
+Perplexity is exp of the mean next-token NLL over the test windows; BWT is in perplexity points
+(above 0: forgetting); read it beside the diagonal P[t][t] (adaptation to each new dataset) and the
+final mean perplexity: cascade baselines whose mask cannot change score BWT 0 by stasis.
+"""
+
+
+def section(directory: Path) -> str:
+    results = json.loads((directory / "results.json").read_text())
+    env, config = results["environment"], results["config"]
+    patterns = sorted({run["spec"]["pattern"] for run in results["runs"]})
+    parts = [f"## {', '.join(patterns)} ({directory.name})",
+             f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"{env['date']}; {config['num_calibration']} x {config['seq_len']} calibration tokens "
+             f"per dataset; peak host memory {results.get('peak_rss_mb', 0):.0f} MB.",
+             "Dense model:", dense_table(results), "Continual runs:", bwt_table(results)]
+    for run in results["runs"]:
+        parts += [f"P[t][i], {run['label']}:", p_matrix_table(run)]
+    plot = directory / "bwt.png"
+    if plot.is_file():
+        target = DOCS / "results" / f"{directory.name}-bwt.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(plot, target)
+        parts.append(f"![BWT]({target.relative_to(DOCS)})")
+    return "\n\n".join(parts)
+
+
+def main(directories):
+    body = [INTRO] + [section(Path(d)) for d in directories if (Path(d) / "results.json").is_file()]
+    (DOCS / "results.md").write_text("\n\n".join(body) + "\n")
+    print(DOCS / "results.md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
