@@ -24,6 +24,12 @@ tokens per dataset** (the main job's), not the standard protocol's 32 x 512, whi
 Wall times were taken while other work shared the two cores; the main job alone took 9 min 39 s
 (`copal experiment --config configs/main.toml`, two runs, dense evaluation included).
 
+COPAL's first step gives Wanda's mask up to rounding: normalising the vectors can turn two scores
+within an ulp into a tie (METHOD.md). At 50% no such flip occurred and step 1 is identical; at 2:4
+two weights of block 4 flipped, and the sequential sweep, whose later blocks see the changed
+activations, amplified that into different masks downstream (checked by comparing the masks
+block by block), hence step-1 perplexities that differ by about 1%.
+
 Perplexity is exp of the mean next-token NLL over the test windows; BWT is in perplexity points
 (above 0: forgetting); read it beside the diagonal P[t][t] (adaptation to each new dataset) and the
 final mean perplexity: cascade baselines whose mask cannot change score BWT 0 by stasis.
