@@ -5,14 +5,13 @@ shards, written shard by shard into a staging directory that replaces the output
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from .assets import resolve_model
 from .checkpoint import ShardWriter
 from .data import make_dataset
 from .evaluate import perplexities
-from .gradients import gradient_norms
+from .continual import copal_method
 from .methods import LayerHistory, Pattern, make_method
 from .model import LayeredModel, resolve_dtype
 from .state import load_state, save_state
@@ -59,10 +58,8 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     history: Dict[str, LayerHistory] = {}
     if method == "copal":
-        grads = None
-        if gradient == "lm":
-            grads = gradient_norms(lm, dataset.calibration, device=device, batch_size=batch_size)
-        pruner = make_method("copal", history=history, grad_norms=grads, aggregation=aggregation)
+        pruner = copal_method(lm, history, dataset.calibration, gradient=gradient,
+                              aggregation=aggregation, device=device, batch_size=batch_size)
     else:
         pruner = make_method(method)
     log(f"pruning {model_dir} with {method} at {parsed} on {data} "
@@ -94,10 +91,8 @@ def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_s
     dataset = make_dataset(data, tokenizer, num_calibration=meta["num_calibration"], num_test=0,
                            seq_len=meta["seq_len"], seed=meta["seed"])
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
-    grads = None
-    if meta["gradient"] == "lm":
-        grads = gradient_norms(lm, dataset.calibration, device=device, batch_size=batch_size)
-    pruner = make_method("copal", history=history, grad_norms=grads, aggregation=meta["aggregation"])
+    pruner = copal_method(lm, history, dataset.calibration, gradient=meta["gradient"],
+                          aggregation=meta["aggregation"], device=device, batch_size=batch_size)
     pattern = Pattern.parse(meta["pattern"])
     log(f"COPAL step {len(meta['datasets']) + 1} on {data} after {', '.join(meta['datasets'])}")
     out = _write_pruned(lm, model_dir, out_dir, overwrite, lambda done: prune_sweep(

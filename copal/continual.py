@@ -71,14 +71,24 @@ class DenseWeights:
         return self.blocks[index]
 
 
+def copal_method(lm, history, windows, *, gradient="lm", aggregation="sum", step_weights=None,
+                 device="cpu", batch_size=8, block_states=None, desc="gradients"):
+    """COPAL for one step: this step's gradient pass over the dense model (unless
+    ``gradient="none"``), and the method that appends to ``history`` and prunes."""
+    grads = None
+    if gradient == "lm":
+        grads = gradient_norms(lm, windows, device=device, batch_size=batch_size,
+                               block_states=block_states, desc=desc)
+    return make_method("copal", history=history, grad_norms=grads, aggregation=aggregation,
+                       step_weights=step_weights)
+
+
 def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc):
     """One COPAL step: gradient pass on W0 (unless gradient='none'), then the sweep from W0."""
-    grads = None
-    if spec.gradient == "lm":
-        grads = gradient_norms(lm, windows, device=device, batch_size=batch_size,
-                               block_states=dense, desc=f"{desc} gradients")
-    method = make_method("copal", history=history, grad_norms=grads,
-                         aggregation=spec.aggregation, step_weights=spec.step_weights)
+    method = copal_method(lm, history, windows, gradient=spec.gradient,
+                          aggregation=spec.aggregation, step_weights=spec.step_weights,
+                          device=device, batch_size=batch_size, block_states=dense,
+                          desc=f"{desc} gradients")
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
                 block_states=dense, offload_activations=offload, desc=f"{desc} prune")
 

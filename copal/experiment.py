@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .assets import SMOLLM2_NAME, resolve_model

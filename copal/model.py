@@ -74,14 +74,15 @@ class LayeredModel:
         self.rotary = rotary[0]
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
-        named = {id(module): name for name, module in model.named_modules()}
+        # qualified module names are the checkpoint keys' prefixes
+        self.module_names = {id(module): name for name, module in model.named_modules()}
         others = [m for m in base.children()
                   if m is not self.blocks and m is not self.rotary and m is not self.embed
                   and any(True for _ in m.parameters())]
         if len(others) != 1:
             raise UnsupportedModelError(f"{type(model).__name__}: cannot find the final norm")
         self.norm = others[0]
-        self.block_names = [named[id(block)] for block in self.blocks]
+        self.block_names = [self.module_names[id(block)] for block in self.blocks]
         for index, block in enumerate(self.blocks):
             linears = self.linears(block)
             if len(linears) != 7:
@@ -111,7 +112,7 @@ class LayeredModel:
 
     def _materialise_outer(self) -> None:
         """Load every parameter outside the blocks and rebuild the rotary buffers on the host."""
-        names = {id(m): n for n, m in self.model.named_modules()}
+        names = self.module_names
         block_ids = {id(p) for p in self.blocks.parameters()}
         wanted = {}
         for module in (self.embed, self.norm, self.head):
@@ -185,7 +186,7 @@ class LayeredModel:
 
     def outer_state(self) -> Dict[str, torch.Tensor]:
         """Every tensor outside the blocks, by checkpoint key (tied weights once)."""
-        names = {id(m): n for n, m in self.model.named_modules()}
+        names = self.module_names
         state, seen = {}, set()
         for module in (self.embed, self.norm, self.head):
             for pname, param in module.named_parameters():

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import copal_kernels as ck
 from copal.continual import DenseWeights, RunSpec, run_continual
 from copal.data import Dataset
 from copal.evaluate import bwt, perplexities
