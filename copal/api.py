@@ -45,8 +45,8 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, r
 def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", pattern: str = "50%",
                      num_calibration: int = 32, seq_len: int = 512, seed: int = 0, device="cpu",
                      batch_size: int = 8, dtype="auto", gradient: str = "lm",
-                     aggregation: str = "sum", state_out=None, overwrite: bool = False,
-                     log=print) -> Path:
+                     aggregation: str = "sum", normalisation: str = "mean", group: str = "row",
+                     state_out=None, overwrite: bool = False, log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration
     windows and write the pruned checkpoint to ``out_dir``. For ``method="copal"`` this is step
     1 and the state is written to ``state_out`` (default ``out_dir``/copal-state.safetensors)."""
@@ -59,7 +59,8 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
     history: Dict[str, LayerHistory] = {}
     if method == "copal":
         pruner = copal_method(lm, history, dataset.calibration, gradient=gradient,
-                              aggregation=aggregation, device=device, batch_size=batch_size)
+                              aggregation=aggregation, normalisation=normalisation, group=group,
+                              device=device, batch_size=batch_size)
     else:
         pruner = make_method(method)
     log(f"pruning {model_dir} with {method} at {parsed} on {data} "
@@ -71,7 +72,8 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
         state_path = Path(state_out) if state_out else out / "copal-state.safetensors"
         save_state(state_path, history, {
             "model": str(Path(model_dir).resolve()), "datasets": [data], "pattern": str(parsed),
-            "gradient": gradient, "aggregation": aggregation, "num_calibration": num_calibration,
+            "gradient": gradient, "aggregation": aggregation, "normalisation": normalisation,
+            "group": group, "num_calibration": num_calibration,
             "seq_len": seq_len, "seed": seed})
         log(f"COPAL state {state_path}")
     log(f"pruned checkpoint {out}")
@@ -92,7 +94,9 @@ def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_s
                            seq_len=meta["seq_len"], seed=meta["seed"])
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     pruner = copal_method(lm, history, dataset.calibration, gradient=meta["gradient"],
-                          aggregation=meta["aggregation"], device=device, batch_size=batch_size)
+                          aggregation=meta["aggregation"],
+                          normalisation=meta.get("normalisation", "mean"),
+                          group=meta.get("group", "row"), device=device, batch_size=batch_size)
     pattern = Pattern.parse(meta["pattern"])
     log(f"COPAL step {len(meta['datasets']) + 1} on {data} after {', '.join(meta['datasets'])}")
     out = _write_pruned(lm, model_dir, out_dir, overwrite, lambda done: prune_sweep(

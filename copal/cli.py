@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--pattern", default="50%", help="50%%, 0.6, 2:4, 4:8 (N:M keeps N)")
     prune.add_argument("--gradient", choices=["lm", "none"], default="lm", help="COPAL only")
     prune.add_argument("--aggregation", choices=["sum", "max"], default="sum", help="COPAL only")
+    prune.add_argument("--normalisation", choices=["mean", "none"], default="mean",
+                       help="COPAL only: divide each step's norms by their mean, or keep them raw")
+    prune.add_argument("--group", choices=["row", "layer"], default="row",
+                       help="COPAL, unstructured only: per-row or per-layer comparison groups")
     prune.add_argument("--out", required=True)
     prune.add_argument("--state-out", help="COPAL state file (default OUT/copal-state.safetensors)")
     prune.add_argument("--overwrite", action="store_true")
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
                              pattern=args.pattern, num_calibration=args.num_calibration,
                              seq_len=args.seq_len, seed=args.seed, device=args.device,
                              batch_size=args.batch_size, gradient=args.gradient,
-                             aggregation=args.aggregation, state_out=args.state_out,
+                             aggregation=args.aggregation, normalisation=args.normalisation,
+                             group=args.group, state_out=args.state_out,
                              overwrite=args.overwrite)
         elif args.command == "continue":
             from .api import continue_checkpoint

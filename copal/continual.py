@@ -15,7 +15,7 @@ import torch
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
-from .methods import METHODS, LayerHistory, Pattern, make_method
+from .methods import METHODS, NORMALISATIONS, LayerHistory, Pattern, make_method
 from .model import LayeredModel
 from .sweep import prune_sweep
 
@@ -32,6 +32,8 @@ class RunSpec:
     aggregation: str = "sum"  # COPAL: sum or max over steps
     gradient: str = "lm"  # COPAL: "lm" (gradient pass) or "none" (g = 1)
     step_weights: Optional[List[float]] = None  # COPAL: lambda_t
+    normalisation: str = "mean"  # COPAL: vectors divided by their mean, or "none" (raw norms)
+    group: str = "row"  # COPAL, unstructured: per-row comparison groups or one per "layer"
     num_calibration: Optional[int] = None  # None: all windows of the dataset
 
     def __post_init__(self):
@@ -42,6 +44,10 @@ class RunSpec:
         if (self.method == "copal") != (self.protocol == "continual"):
             raise ValueError("COPAL runs under its own protocol 'continual', and only COPAL does "
                              f"(got {self.method} with {self.protocol})")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+        if self.group not in ("row", "layer"):
+            raise ValueError(f"group must be 'row' or 'layer', got {self.group!r}")
         if self.gradient not in ("lm", "none"):
             raise ValueError(f"gradient must be 'lm' or 'none', got {self.gradient!r}")
         Pattern.parse(self.pattern)
@@ -51,7 +57,9 @@ class RunSpec:
         extra = ""
         if self.method == "copal":
             extra = f"[{self.aggregation},{'grad' if self.gradient == 'lm' else 'nograd'}"
-            extra += f",lambda={self.step_weights}]" if self.step_weights else "]"
+            extra += f",lambda={self.step_weights}" if self.step_weights else ""
+            extra += ",raw" if self.normalisation == "none" else ""
+            extra += ",layer-group]" if self.group == "layer" else "]"
         samples = f" n={self.num_calibration}" if self.num_calibration else ""
         return f"{self.method}{extra}-{self.protocol} {self.pattern}{samples}"
 
@@ -72,7 +80,8 @@ class DenseWeights:
 
 
 def copal_method(lm, history, windows, *, gradient="lm", aggregation="sum", step_weights=None,
-                 device="cpu", batch_size=8, block_states=None, desc="gradients"):
+                 normalisation="mean", group="row", device="cpu", batch_size=8,
+                 block_states=None, desc="gradients"):
     """COPAL for one step: this step's gradient pass over the dense model (unless
     ``gradient="none"``), and the method that appends to ``history`` and prunes."""
     grads = None
@@ -80,14 +89,14 @@ def copal_method(lm, history, windows, *, gradient="lm", aggregation="sum", step
         grads = gradient_norms(lm, windows, device=device, batch_size=batch_size,
                                block_states=block_states, desc=desc)
     return make_method("copal", history=history, grad_norms=grads, aggregation=aggregation,
-                       step_weights=step_weights)
+                       step_weights=step_weights, normalisation=normalisation, group=group)
 
 
 def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc):
     """One COPAL step: gradient pass on W0 (unless gradient='none'), then the sweep from W0."""
     method = copal_method(lm, history, windows, gradient=spec.gradient,
                           aggregation=spec.aggregation, step_weights=spec.step_weights,
-                          device=device, batch_size=batch_size, block_states=dense,
+                          normalisation=spec.normalisation, group=spec.group, device=device, batch_size=batch_size, block_states=dense,
                           desc=f"{desc} gradients")
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
                 block_states=dense, offload_activations=offload, desc=f"{desc} prune")

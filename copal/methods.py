@@ -186,6 +186,9 @@ class LayerHistory:
     acts: List[torch.Tensor]  # aa_t, fp32 [in]
 
 
+NORMALISATIONS = ("mean", "none")  # ga = g / mean(g) (METHOD.md), or the raw norms
+
+
 def normalised(vector: torch.Tensor) -> torch.Tensor:
     mean = vector.mean()
     return vector / mean if float(mean) > 0 else torch.ones_like(vector)
@@ -202,11 +205,16 @@ class Copal(Method):
     name = "copal"
 
     def __init__(self, history: Dict[str, LayerHistory], grad_norms: Optional[Dict[str, torch.Tensor]],
-                 aggregation: str = "sum", step_weights: Optional[List[float]] = None):
+                 aggregation: str = "sum", step_weights: Optional[List[float]] = None,
+                 normalisation: str = "mean", group: str = "row"):
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
         self.history = history
         self.grad_norms = grad_norms
         self.aggregation = aggregation
         self.step_weights = step_weights
+        self.normalisation = normalisation
+        self.group = group
 
     def prune_block(self, block_index, linears, stats, pattern):
         for name, linear in linears.items():
@@ -217,8 +225,9 @@ class Copal(Method):
             else:
                 grad = torch.ones(linear.out_features, device=act_norms.device)
             layer = self.history.setdefault(key, LayerHistory([], []))
-            layer.grads.append(normalised(grad).cpu())
-            layer.acts.append(normalised(act_norms).cpu())
+            scale = normalised if self.normalisation == "mean" else torch.Tensor.float
+            layer.grads.append(scale(grad).cpu())
+            layer.acts.append(scale(act_norms).cpu())
             device = linear.weight.device
             grads = torch.stack(layer.grads).to(device)
             acts = torch.stack(layer.acts).to(device)
@@ -226,8 +235,8 @@ class Copal(Method):
             if self.step_weights is not None:
                 weights = torch.tensor(self.step_weights[: len(layer.grads)], device=device,
                                        dtype=torch.float32)
-            _prune(linear.weight.data, pattern, grads, acts, aggregation=self.aggregation,
-                   step_weights=weights)
+            _prune(linear.weight.data, pattern, grads, acts, group=self.group,
+                   aggregation=self.aggregation, step_weights=weights)
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")

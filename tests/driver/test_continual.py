@@ -33,6 +33,13 @@ def test_perplexity_matches_the_full_model():
     assert math.isclose(ppl, math.exp(float(loss)), rel_tol=1e-5)
 
 
+def test_copal_options_are_checked():
+    with pytest.raises(ValueError, match="normalisation"):
+        RunSpec("copal", "continual", normalisation="l2")
+    with pytest.raises(ValueError, match="group"):
+        RunSpec("copal", "continual", group="column")
+
+
 def test_bwt():
     matrix = [[10.0, 50.0, 70.0], [12.0, 20.0, 60.0], [13.0, 23.0, 30.0]]
     assert bwt(matrix) == {"bwt_mean": 3.0, "bwt_max": 3.0}
@@ -42,6 +49,7 @@ def test_bwt():
 @pytest.mark.parametrize("spec", [
     RunSpec("copal", "continual", "50%"), RunSpec("copal", "continual", "2:4", gradient="none",
                                                   aggregation="max", step_weights=[1, 1, 2]),
+    RunSpec("copal", "continual", "50%", normalisation="none", group="layer"),
     RunSpec("wanda", "restart", "50%"), RunSpec("wanda", "joint", "2:4"),
     RunSpec("magnitude", "cascade", "50%"), RunSpec("sparsegpt", "cascade", "4:8"),
 ], ids=lambda s: s.label)
@@ -56,6 +64,11 @@ def test_run_continual(spec):
         assert result["bwt_mean"] == 0 and result["bwt_max"] == 0
     if spec.method == "copal":
         assert all(len(layer.grads) == 3 for layer in result["history"].values())
+        means = torch.stack([torch.stack(layer.acts).mean(1) for layer in result["history"].values()])
+        if spec.normalisation == "mean":
+            assert torch.allclose(means, torch.ones_like(means), rtol=1e-5)
+        else:  # raw norms are kept as measured
+            assert not torch.allclose(means, torch.ones_like(means), rtol=1e-2)
     assert torch.equal(dense(0)["mlp.up_proj.weight"], DenseWeights.snapshot(
         LayeredModel.from_model(tiny_model()))(0)["mlp.up_proj.weight"]), "W0 is never touched"
 
