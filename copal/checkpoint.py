@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -107,17 +108,30 @@ class ShardWriter:
         self.num_shards = num_shards
         self.weight_map: Dict[str, str] = {}
         self.total_size = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._pending: Optional[Future] = None
 
     def shard_name(self, index: int) -> str:
         return f"model-{index + 1:05d}-of-{self.num_shards:05d}.safetensors"
 
     def write_shard(self, index: int, tensors: Dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` to the host now (the caller may free them on return) and write the
+        shard in the background while the caller goes on; at most one write waits, so the host
+        holds at most two shards."""
         name = self.shard_name(index)
-        host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(host, str(self.staging / name), metadata={"format": "pt"})
+        host = {k: v.detach().to("cpu", copy=v.device.type == "cpu").contiguous()
+                for k, v in tensors.items()}
+        self._wait()
+        self._pending = self._writer.submit(
+            save_file, host, str(self.staging / name), metadata={"format": "pt"})
         for key, value in host.items():
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a failed write raises here
 
     def write_file(self, relative: str, content: bytes) -> None:
         (self.staging / relative).write_bytes(content)
@@ -125,6 +139,8 @@ class ShardWriter:
     def finish(self, save_extra) -> Path:
         """Write the index, let ``save_extra(staging_dir)`` add config/tokenizer, then move the
         staging directory into place."""
+        self._wait()
+        self._writer.shutdown()
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
         save_extra(self.staging)
@@ -134,4 +150,9 @@ class ShardWriter:
         return self.directory
 
     def abort(self) -> None:
+        try:
+            self._wait()
+        except Exception:
+            pass  # the staging directory goes anyway
+        self._writer.shutdown()
         shutil.rmtree(self.staging, ignore_errors=True)

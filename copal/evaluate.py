@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import LayeredModel
-from .sweep import BlockStates, embed_windows, run_blocks
+from .sweep import BlockStates, embed_windows, run_blocks, stream_blocks
 
 
 def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device="cpu",
@@ -21,8 +21,8 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
     owners = torch.cat([torch.full((len(test_sets[n]),), i) for i, n in enumerate(names)])
     chunks = embed_windows(lm, windows, device, batch_size, offload_activations)
     with torch.no_grad():
-        for index in tqdm(range(lm.num_blocks), desc=desc, unit="block", leave=False):
-            block = lm.load_block(index, device, block_states(index) if block_states else None)
+        blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states)
+        for index, block in tqdm(blocks, total=lm.num_blocks, desc=desc, unit="block", leave=False):
             chunks = run_blocks(lm, block, chunks, device, offload_activations)
             lm.unload_block(index)
         lm.norm.to(device)

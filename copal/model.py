@@ -6,6 +6,7 @@ The parts are found from the config and the module tree (the ModuleList of
 ``inv_freq``), never from name strings; checkpoint keys are the modules' qualified names.
 """
 
+import ctypes
 import inspect
 from pathlib import Path
 from typing import Dict, Optional
@@ -101,12 +102,19 @@ class LayeredModel:
         """Open a local checkpoint; loads embeddings, final norm and head, no block."""
         directory = Path(directory)
         reader = ShardReader(directory)
-        config = AutoConfig.from_pretrained(directory)
+        return cls.from_reader(AutoConfig.from_pretrained(directory), reader, dtype, directory)
+
+    @classmethod
+    def from_reader(cls, config, reader, dtype: torch.dtype = torch.bfloat16,
+                    source=None) -> "LayeredModel":
+        """A lazy model over any tensor source with ``weight_map`` (checkpoint key -> where) and
+        ``read(keys) -> {key: host tensor}``: a :class:`ShardReader`, or the synthetic source of
+        :mod:`copal.synthetic`. Loads embeddings, final norm and head, no block."""
         _check_supported(config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
-        layered = cls(model, reader, directory)
+        layered = cls(model, reader, source)
         layered._materialise_outer()
         return layered
 
@@ -161,16 +169,22 @@ class LayeredModel:
         tensors = self.reader.read(keys)
         return {keys[key]: tensor.to(self.dtype) for key, tensor in tensors.items()}
 
-    def load_block(self, index: int, device, state: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
+    def load_block(self, index: int, device, state: Optional[Dict[str, torch.Tensor]] = None,
+                   owned: bool = False) -> nn.Module:
         """Put block ``index`` on ``device`` (reading it from the checkpoint when lazy, or taking
-        ``state``) and return it."""
+        ``state``) and return it. ``owned``: ``state``'s tensors are fresh copies already on
+        ``device`` that the block takes over as they are (a prefetched block)."""
         block = self.blocks[index]
         if state is None and self.lazy:
             state = self.read_block_state(index)
-        if state is not None:
+        if state is not None and owned:
+            block.load_state_dict(state, strict=True, assign=True)
+            block.requires_grad_(False)
+        elif state is not None:
             if any(p.is_meta for p in block.parameters()):  # lazy: the loaded tensors become the block
-                block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True,
-                                      assign=True)
+                copy = getattr(self.reader, "shares_tensors", False)  # the source keeps its own
+                block.load_state_dict({k: v.to(device, copy=copy) for k, v in state.items()},
+                                      strict=True, assign=True)
                 block.requires_grad_(False)
             else:  # copy into the block's own tensors, never alias (pruning writes in place)
                 block.to(device)
@@ -180,6 +194,7 @@ class LayeredModel:
     def unload_block(self, index: int, device="cpu") -> None:
         """Move a finished block off the accelerator; a lazy model drops its weights entirely."""
         self.blocks[index].to("meta" if self.lazy else device)
+        _release_host_memory()
 
     def block_state(self, index: int) -> Dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.blocks[index].state_dict().items()}
@@ -217,6 +232,25 @@ class LayeredModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
+
+
+_LIBC = None
+
+
+def _release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only). Once glibc has raised its mmap
+    threshold, freed multi-MB tensors stay in its heap, and a block sweep's resident memory
+    creeps up by most of a block per block (measured: 32 synthetic blocks, +290 MiB without,
+    flat with; tests/driver/test_synthetic.py)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 _MASK_PARAMS = None

@@ -1,18 +1,63 @@
 """The block sweep: calibration windows -> embeddings -> for each block: load, observe, prune,
 propagate, release. The device holds one block plus the calibration activations."""
 
-from typing import Callable, Dict, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from .methods import Method, Pattern
 from .model import LayeredModel
+from .phases import phase
 
 BlockStates = Optional[Callable[[int], Optional[Dict[str, torch.Tensor]]]]
 
 
-def _keep(hidden: torch.Tensor, offload: bool) -> torch.Tensor:
+def stream_blocks(lm: LayeredModel, order: Iterable[int], device, block_states: BlockStates = None,
+                  timer=None) -> Iterator[Tuple[int, torch.nn.Module]]:
+    """Yield ``(index, block)`` on ``device`` for each index of ``order``, reading the next block
+    (from ``block_states``, or from the checkpoint when lazy) on a worker thread while the caller
+    works on the current one; on a GPU the next block's host-to-device copy runs on a side
+    stream from pinned memory, so transfers overlap compute. The caller unloads each block.
+
+    The device holds at most two blocks: the current one and the next one's copy.
+    """
+    order = list(order)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+
+    def stage(index):
+        state = block_states(index) if block_states is not None else None
+        if state is None and lm.lazy:
+            state = lm.read_block_state(index)
+        if state is None or not cuda:
+            return state, None
+        with torch.cuda.stream(copy_stream):
+            staged = {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+                      for k, v in state.items()}
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return staged, done
+
+    with ThreadPoolExecutor(1, thread_name_prefix="block-reader") as reader:
+        upcoming = reader.submit(stage, order[0]) if order else None
+        for position, index in enumerate(order):
+            with phase(timer, "load"):
+                state, done = upcoming.result()
+                if position + 1 < len(order):
+                    upcoming = reader.submit(stage, order[position + 1])
+                owned = done is not None
+                if owned:  # the compute stream waits for the copy, and the allocator knows it
+                    torch.cuda.current_stream(device).wait_event(done)
+                    for tensor in state.values():
+                        tensor.record_stream(torch.cuda.current_stream(device))
+                block = lm.load_block(index, device, state, owned=owned)
+            yield index, block
+
+
+def park(hidden: torch.Tensor, offload: bool) -> torch.Tensor:
     """Where activations wait between blocks: on the device, or in (pinned) host memory."""
     if not offload or hidden.device.type == "cpu":
         return hidden
@@ -26,7 +71,7 @@ def embed_windows(lm: LayeredModel, windows: torch.Tensor, device, batch_size: i
     ``device`` or, with ``offload``, in pinned host memory."""
     with torch.no_grad():
         lm.embed.to(device)
-        return [_keep(lm.embed_tokens(ids.to(device)), offload) for ids in windows.split(batch_size)]
+        return [park(lm.embed_tokens(ids.to(device)), offload) for ids in windows.split(batch_size)]
 
 
 def run_blocks(lm: LayeredModel, block, chunks: List[torch.Tensor], device,
@@ -35,37 +80,42 @@ def run_blocks(lm: LayeredModel, block, chunks: List[torch.Tensor], device,
     outputs = []
     for hidden in chunks:
         hidden = hidden.to(device, non_blocking=True)
-        outputs.append(_keep(lm.run_block(block, hidden, lm.block_context(hidden)), offload))
+        outputs.append(park(lm.run_block(block, hidden, lm.block_context(hidden)), offload))
     return outputs
 
 
 def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern: Pattern, *,
                 device="cpu", batch_size: int = 8, block_states: BlockStates = None,
                 on_block_done: Optional[Callable[[int, torch.nn.Module], None]] = None,
-                offload_activations: bool = False, desc: str = "prune") -> None:
+                offload_activations: bool = False, timer=None, desc: str = "prune") -> None:
     """Prune every block of ``lm`` in place with ``method``.
 
     ``block_states(i)`` gives the weights to start block i from (the dense W0 for restart,
     joint and COPAL) or None (the block as it is: cascade, or a lazy checkpoint's own weights).
     ``on_block_done(i, block)`` sees each finished block before it leaves the device (to write
     it to an output checkpoint). ``offload_activations`` keeps the calibration activations in
-    pinned host memory between blocks, moving one chunk at a time to the device.
+    pinned host memory between blocks, moving one chunk at a time to the device. ``timer``
+    (:class:`copal.phases.PhaseTimer`) collects the time of each phase.
     """
     if len(windows) == 0:
         raise ValueError("no calibration windows: the dataset is empty")
     observes = method.needs_acts or method.needs_gram
-    chunks = embed_windows(lm, windows, device, batch_size, offload_activations) if observes else []
-    for index in tqdm(range(lm.num_blocks), desc=desc, unit="block", leave=False):
-        block = lm.load_block(index, device, block_states(index) if block_states else None)
+    with phase(timer, "embed"):
+        chunks = embed_windows(lm, windows, device, batch_size, offload_activations) if observes else []
+    blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states, timer)
+    for index, block in tqdm(blocks, total=lm.num_blocks, desc=desc, unit="block", leave=False):
         linears = lm.linears(block)
         for name, linear in linears.items():
             pattern.check_layer(f"block {index} {name}", linear.in_features)
         with torch.no_grad():
-            with method.observe(linears) as stats:
+            with phase(timer, "forward"), method.observe(linears) as stats:
                 run_blocks(lm, block, chunks, device, offload_activations)
-            method.prune_block(index, linears, stats, pattern)
+            with phase(timer, "kernels"):
+                method.prune_block(index, linears, stats, pattern)
             if observes and index + 1 < lm.num_blocks:  # the next block's inputs
-                chunks = run_blocks(lm, block, chunks, device, offload_activations)
-        if on_block_done is not None:
-            on_block_done(index, block)
-        lm.unload_block(index)
+                with phase(timer, "propagate"):
+                    chunks = run_blocks(lm, block, chunks, device, offload_activations)
+        with phase(timer, "offload"):
+            if on_block_done is not None:
+                on_block_done(index, block)
+            lm.unload_block(index)
