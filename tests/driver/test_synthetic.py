@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,20 @@ def test_copal_step_on_synthetic_shapes_peak_host_memory():
     # the source's 2 distinct blocks, the block at work, one round's inputs and fixed costs
     # (autograd, thread pools): under 10 of the model's 32 blocks
     assert large < 10 * block_bytes
+
+
+def test_gpu_sweep_benchmark_smoke_run_on_cpu(tmp_path):
+    """The GPU benchmark's code path end to end on a CPU (tiny shape, projection from 2 and 4
+    blocks); its numbers mean nothing here."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_sweep", "--device", "cpu", "--shape", "tiny",
+         "--pattern", "2:4", "--samples", "2", "--seq", "16", "--blocks", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, env={"TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"},
+        cwd=str(Path(__file__).resolve().parents[2]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (written,) = tmp_path.glob("gpu_sweep-*.json")
+    record = json.loads(written.read_text())["records"][0]
+    assert record["label"].startswith("synthetic weights")
+    assert record["run"]["blocks"] == 4 and record["run"]["small_run"]["blocks"] == 2
+    assert record["projected_full"]["seconds"] > 0
+    assert {"load", "forward", "kernels", "propagate", "offload"} <= set(record["run"]["sweep_phases"])
