@@ -64,7 +64,10 @@ class LayerStats:
         self.samples = 0
 
     def add(self, x: torch.Tensor) -> None:
-        ck.channel_sumsq_(self.act_sumsq, x)
+        # one window at a time: the sums do not depend on how windows are chunked, so masks
+        # match a per-sample loop's bit for bit (benchmarks/cpu_wanda_protocol.py)
+        for window in (x if x.dim() == 3 else [x]):
+            ck.channel_sumsq_(self.act_sumsq, window)
         self.tokens += x.numel() // x.shape[-1]
         self.samples += x.shape[0] if x.dim() == 3 else 1
         if self.gram is not None:

@@ -1,0 +1,164 @@
+"""The standard protocol (PROTOCOL.md) with Wanda-restart on a CPU, timed in one run two ways:
+
+- ``copal``: the driver's path (block sweep with batched calibration forwards, the statistics
+  and mask kernels, block-streamed perplexity of every seen dataset in one pass);
+- ``loop``: a straightforward per-sample loop in the style of Wanda's published code, written
+  here: the whole model in memory, block inputs captured one window at a time, every block run
+  twice per window (batch 1) with hooks gathering ``scaler_row``, the metric materialised and
+  masked with a stable ``torch.sort`` per row (a loop over groups for N:M), perplexity one test
+  window at a time through the full model.
+
+Both paths must give the same masks bit for bit at every step (checked here; the loop's
+statistic sums each window's squares the way Wanda's ``scaler_row`` does, in window order) and
+the same perplexities. Prints the times, the ratio and the check; appends the record to
+benchmarks/results/cpu_wanda_protocol.jsonl.
+
+Run: ``python -m benchmarks.cpu_wanda_protocol [--pattern 50%] [--num-calibration 32 --seq-len 512]``
+(the standard protocol takes about half an hour on 2 cores).
+"""
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from copal.assets import resolve_model
+from copal.continual import DenseWeights
+from copal.data import make_dataset
+from copal.evaluate import perplexities
+from copal.methods import Pattern, make_method
+from copal.model import LayeredModel
+from copal.sweep import prune_sweep
+from copal_kernels import naive
+
+try:
+    from .common import append_results, print_table
+except ImportError:  # run as a script
+    from common import append_results, print_table
+
+
+def _masks(blocks):
+    return [{name: (module.weight != 0).clone() for name, module in block.named_modules()
+             if isinstance(module, torch.nn.Linear)} for block in blocks]
+
+
+def run_driver(model_dir, datasets, pattern, batch_size):
+    """The driver's Wanda-restart: (masks per step, P matrix)."""
+    lm = LayeredModel.from_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    dense = DenseWeights.snapshot(lm)
+    masks, matrix = [], []
+    for step, dataset in enumerate(datasets):
+        prune_sweep(lm, dataset.calibration, make_method("wanda"), pattern, batch_size=batch_size,
+                    block_states=dense, desc=f"copal step {step + 1}")
+        masks.append(_masks(lm.blocks))
+        ppl = perplexities(lm, {d.name: d.test for d in datasets[: step + 1]}, batch_size=batch_size,
+                           desc=f"copal evaluate {step + 1}")
+        matrix.append([ppl[d.name] for d in datasets[: step + 1]])
+    return masks, matrix
+
+
+def _loop_prune_layer(weight, scaler_row, pattern):
+    """Wanda's per-layer step: the metric materialised, then per row a stable sort (Wanda's
+    unstructured path) or per group of M columns a loop; Wanda's N:M loop uses ``topk``, whose
+    order among exactly equal scores is unspecified, so this one sorts each group stably."""
+    if pattern.kind != "nm":
+        weight[naive.wanda_loop_mask(weight, scaler_row, pattern.sparsity, 0, 0)] = 0
+        return
+    metric = torch.abs(weight) * torch.sqrt(scaler_row.reshape((1, -1)))
+    pruned = torch.zeros_like(metric, dtype=torch.bool)
+    for start in range(0, metric.shape[1], pattern.m):
+        lowest = torch.sort(metric[:, start:start + pattern.m], dim=1, stable=True)[1]
+        pruned.scatter_(1, start + lowest[:, : pattern.m - pattern.n], True)
+    weight[pruned] = 0
+
+
+def run_loop(model_dir, datasets, pattern):
+    """A per-sample loop in the style of Wanda's code: (masks per step, P matrix)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lm = LayeredModel.from_model(model)  # only to run a decoder layer with its rotary inputs
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    masks, matrix = [], []
+    for step, dataset in enumerate(datasets):
+        model.load_state_dict(dense)  # restart: prune W0
+        with torch.no_grad():
+            inps = [model.get_input_embeddings()(ids[None]) for ids in dataset.calibration]
+            context = lm.block_context(inps[0])
+            for block in lm.blocks:
+                subset = lm.linears(block)
+                sums = {name: torch.zeros(m.in_features) for name, m in subset.items()}
+
+                def add_batch(name):
+                    def hook(module, args, output):
+                        sums[name].add_(naive.channel_sumsq(args[0][0]))
+                    return hook
+
+                handles = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
+                for j in range(len(inps)):
+                    lm.run_block(block, inps[j], context)
+                for handle in handles:
+                    handle.remove()
+                for name, module in subset.items():
+                    _loop_prune_layer(module.weight.data, sums[name] / len(inps), pattern)
+                inps = [lm.run_block(block, inps[j], context) for j in range(len(inps))]
+        masks.append(_masks(lm.blocks))
+        row = []
+        for seen in datasets[: step + 1]:
+            nll, count = 0.0, 0
+            with torch.no_grad():
+                for ids in seen.test:
+                    logits = model(ids[None]).logits[0, :-1].float()
+                    nll += float(F.cross_entropy(logits, ids[1:], reduction="sum").double())
+                    count += len(ids) - 1
+            row.append(math.exp(nll / count))
+        matrix.append(row)
+    return masks, matrix
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sources", nargs="+", default=["wiki", "kjv", "jargon"])
+    parser.add_argument("--pattern", default="50%")
+    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--num-test", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    datasets = [make_dataset(s, tokenizer, num_calibration=args.num_calibration,
+                             num_test=args.num_test, seq_len=args.seq_len) for s in args.sources]
+    pattern = Pattern.parse(args.pattern)
+
+    start = time.perf_counter()
+    fast_masks, fast_matrix = run_driver(model_dir, datasets, pattern, args.batch_size)
+    fast_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    loop_masks, loop_matrix = run_loop(model_dir, datasets, pattern)
+    loop_seconds = time.perf_counter() - start
+
+    differing = sum(int((a[name] != b[name]).sum()) for fa, fb in zip(fast_masks, loop_masks)
+                    for a, b in zip(fa, fb) for name in a)
+    total = sum(m.numel() for step in fast_masks for block in step for m in block.values())
+    ppl_gap = max(abs(a - b) / b for ra, rb in zip(fast_matrix, loop_matrix) for a, b in zip(ra, rb))
+    record = {"benchmark": "wanda-restart standard protocol", "pattern": str(pattern),
+              "windows": f"{args.num_calibration}x{args.seq_len} calibration, "
+                         f"{args.num_test}x{args.seq_len} test", "sources": args.sources,
+              "copal_seconds": fast_seconds, "loop_seconds": loop_seconds,
+              "speedup": loop_seconds / fast_seconds, "mask_entries_differing": differing,
+              "mask_entries": total, "max_relative_ppl_gap": ppl_gap,
+              "P_copal": fast_matrix, "P_loop": loop_matrix, "threads": torch.get_num_threads()}
+    path = append_results("cpu_wanda_protocol.jsonl", [record])
+    print(f"results appended to {path}")
+    print_table([{"path": "copal", "seconds": f"{fast_seconds:.0f}", "final P": fast_matrix[-1]},
+                 {"path": "per-sample loop", "seconds": f"{loop_seconds:.0f}", "final P": loop_matrix[-1]}],
+                ["path", "seconds", "final P"])
+    print(f"speedup {loop_seconds / fast_seconds:.2f}x; masks differing: {differing} of {total}; "
+          f"largest relative perplexity gap {ppl_gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()
