@@ -7,13 +7,14 @@ For each shape and pattern: the step on ``--blocks`` blocks (all of them for the
 ``--samples`` x ``--seq`` calibration tokens in bf16. Bigger shapes run a few blocks twice (k and
 2k blocks); the full model is projected linearly from the difference, which is the per-block
 cost with the fixed costs (embedding, LM head, loss) taken out. The gradient pass runs in rounds
-sized for the *full* model's stored block inputs (a quarter of host memory), so the projection
-includes the re-reads that micro-batching costs.
+planned (copal.gradients.plan_gradient_pass) for the *full* model with a host budget for kept
+block inputs equal to the calibration activations, so the projection includes the re-reads and
+recomputation that bounded host memory costs.
 
 Floors, measured here: compute = the step's minimal FLOPs (gradient pass forward + backward,
 sweep forward + propagation: 5 forward-equivalents of the blocks, 3 of the head) at the measured
-bf16 matmul rate; transfer = the bytes this schedule moves (every round reads each block twice,
-the sweep reads it once and writes it back) at the measured host<->device bandwidth. The floor is
+bf16 matmul rate; transfer = the bytes this schedule moves (the gradient pass's block reads,
+the sweep reads each block once and writes it back) at the measured host<->device bandwidth. The floor is
 the larger of the two (they can overlap).
 
 Run: ``python -m benchmarks.gpu_sweep`` (GPU; under 8 minutes on one H200), writes JSON to $OUT
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from copal.gradients import auto_micro_batch, gradient_norms, stored_input_bytes
+from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass, window_input_bytes
 from copal.methods import Pattern, make_method
 from copal.phases import PhaseTimer
-from copal.sweep import prune_sweep
+from copal.sweep import prune_sweep, resolve_batch_size
 from copal.synthetic import SHAPES, SYNTHETIC_LABEL, synthetic_config, synthetic_model
 from copal_kernels.machine import environment
 
@@ -116,14 +117,14 @@ def step_flops(config, blocks: int, samples: int, seq: int) -> float:
 
 
 def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batch_size: int,
-             micro_batch: int, device) -> dict:
+             plan: GradientPlan, device) -> dict:
     """One COPAL step on ``blocks`` synthetic blocks; phase times, peaks, bytes moved."""
     lm = synthetic_model(shape, num_blocks=blocks, dtype=torch.bfloat16 if device.type == "cuda"
-                         else torch.float32, seed=0, distinct_blocks=2)
+                         else torch.float32, seed=0, distinct_blocks=1)
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, lm.config.vocab_size, (samples, seq), generator=generator)
-    for index in range(min(2, blocks)):  # draw the source's blocks before the clock starts
-        lm.read_block_state(index)
+    batch_size = resolve_batch_size(batch_size, lm, seq, device)
+    lm.read_block_state(0)  # draw the source's block before the clock starts
     block_bytes = block_params(lm.config) * torch.empty((), dtype=lm.dtype).element_size()
     outputs = {}
     host_out = {}
@@ -144,25 +145,27 @@ def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batc
         _sync(device)
         start = time.perf_counter()
         grads = gradient_norms(lm, windows, device=device, batch_size=batch_size,
-                               micro_batch=micro_batch, timer=gradient_timer, desc="gradients")
+                               micro_batch=plan.micro_batch, segment=plan.segment,
+                               timer=gradient_timer, desc="gradients")
         gradient_seconds = time.perf_counter() - start
         method = make_method("copal", history={}, grad_norms=grads)
         prune_sweep(lm, windows, method, Pattern.parse(pattern), device=device,
                     batch_size=batch_size, on_block_done=offload, timer=sweep_timer, desc="sweep")
         _sync(device)
         total = time.perf_counter() - start
-    rounds = -(-samples // micro_batch)
+    done = GradientPlan(blocks, samples, plan.micro_batch, plan.segment)
     return {
         "shape": shape, "blocks": blocks, "pattern": pattern, "samples": samples, "seq": seq,
-        "batch_size": batch_size, "micro_batch": micro_batch, "rounds": rounds,
+        "batch_size": batch_size, "micro_batch": plan.micro_batch, "segment": plan.segment,
+        "rounds": plan.rounds,
         "seconds": total, "gradient_seconds": gradient_seconds,
         "sweep_seconds": total - gradient_seconds,
         "gradient_phases": dict(gradient_timer.seconds), "sweep_phases": dict(sweep_timer.seconds),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_host_bytes": host.peak, "host_growth_bytes": host.peak - host.start,
         "block_bytes": block_bytes,
-        "h2d_bytes": (2 * rounds + 1) * blocks * block_bytes, "d2h_bytes": blocks * block_bytes,
-        "stored_inputs_bytes_per_round": stored_input_bytes(lm, windows[:micro_batch]),
+        "h2d_bytes": (done.block_reads + blocks) * block_bytes, "d2h_bytes": blocks * block_bytes,
+        "kept_inputs_bytes_per_round": done.kept_inputs * plan.micro_batch * window_input_bytes(lm, seq),
     }
 
 
@@ -181,7 +184,8 @@ def main():
     parser.add_argument("--pattern", nargs="+", default=["2:4", "50%"])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward chunk")
+    parser.add_argument("--batch-size", type=lambda t: t if t == "auto" else int(t), default="auto",
+                        help="windows per forward chunk, or auto (from free device memory)")
     parser.add_argument("--blocks", type=int, default=2,
                         help="k: shapes not in --full-shapes run k and 2k blocks and are projected")
     parser.add_argument("--full-shapes", nargs="*", default=["llama-7b"],
@@ -199,29 +203,27 @@ def main():
     for shape in args.shape:
         full = synthetic_config(shape)
         full_blocks = full.num_hidden_layers
-        # rounds sized for the full model's stored inputs, whatever number of blocks runs here
-        probe = synthetic_model(shape, num_blocks=1, dtype=torch.bfloat16, pin=False)
-        windows = torch.zeros(args.samples, args.seq, dtype=torch.long)
-        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-        micro_batch = auto_micro_batch(probe, windows, budget // full_blocks)
-        del probe
+        # the gradient pass may keep as many block inputs on the host as the sweep has
+        # activations; planned for the full model, whatever number of blocks runs here
+        window_bytes = args.seq * full.hidden_size * 2
+        plan = plan_gradient_pass(full_blocks, args.samples, window_bytes,
+                                  args.samples * window_bytes)
         whole = shape in args.full_shapes or 2 * args.blocks >= full_blocks
         for pattern in args.pattern:
             if whole:
                 run = run_step(shape, full_blocks, pattern, args.samples, args.seq,
-                               args.batch_size, micro_batch, device)
+                               args.batch_size, plan, device)
                 projected = {"per_block_seconds": None, "seconds": run["seconds"]}
             else:
                 small = run_step(shape, args.blocks, pattern, args.samples, args.seq,
-                                 args.batch_size, micro_batch, device)
+                                 args.batch_size, plan, device)
                 run = run_step(shape, 2 * args.blocks, pattern, args.samples, args.seq,
-                               args.batch_size, micro_batch, device)
+                               args.batch_size, plan, device)
                 run["small_run"] = small
                 projected = project(small, run, full_blocks)
             flops = step_flops(full, full_blocks, args.samples, args.seq)
-            rounds = run["rounds"]
             block_bytes = run["block_bytes"]
-            moved_h2d = (2 * rounds + 1) * full_blocks * block_bytes
+            moved_h2d = (plan.block_reads + full_blocks) * block_bytes
             compute_floor = flops / floors["matmul_flops"]
             transfer_floor = (moved_h2d / floors["h2d_bytes_per_s"]
                               + full_blocks * block_bytes / floors["d2h_bytes_per_s"])
@@ -234,8 +236,8 @@ def main():
             records.append(record)
             phases = {**{f"grad {k}": v for k, v in run["gradient_phases"].items()},
                       **run["sweep_phases"]}
-            print(f"\n{shape} {pattern} ({run['blocks']} blocks run, {rounds} gradient round(s) "
-                  f"of {micro_batch} windows): " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
+            print(f"\n{shape} {pattern} ({run['blocks']} blocks run; gradient pass {plan.rounds} "
+                  f"round(s) of {plan.micro_batch} windows, segments of {plan.segment}): " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
             rows.append({
                 "shape": shape, "pattern": pattern, "blocks run": run["blocks"],
                 "step s (full)": f"{projected['seconds']:.1f}",
@@ -243,7 +245,8 @@ def main():
                 "x floor": f"{projected['seconds'] / floor:.2f}",
                 "peak dev GB": "-" if run["peak_device_bytes"] is None else f"{run['peak_device_bytes'] / 1e9:.1f}",
                 "peak host GB": f"{run['peak_host_bytes'] / 1e9:.1f}",
-                "host growth / block": f"{run['host_growth_bytes'] / block_bytes:.1f}",
+                "host growth GB": f"{run['host_growth_bytes'] / 1e9:.1f}",
+                "2 blocks + acts GB": f"{(2 * block_bytes + args.samples * window_bytes) / 1e9:.1f}",
             })
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -44,7 +44,7 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, r
 
 def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", pattern: str = "50%",
                      num_calibration: int = 32, seq_len: int = 512, seed: int = 0, device="cpu",
-                     batch_size: int = 8, dtype="auto", gradient: str = "lm",
+                     batch_size="auto", dtype="auto", gradient: str = "lm",
                      aggregation: str = "sum", normalisation: str = "mean", group: str = "row",
                      state_out=None, overwrite: bool = False, log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration
@@ -80,7 +80,7 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
     return out
 
 
-def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_size: int = 8,
+def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_size="auto",
                         dtype="auto", state_out=None, overwrite: bool = False,
                         log=print) -> Path:
     """Add dataset ``data`` to a COPAL run from its saved state alone (no past data): masks are
@@ -110,7 +110,7 @@ def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_s
 
 
 def evaluate_checkpoint(model: str, sources: List[str], *, num_test: int = 32, seq_len: int = 512,
-                        device="cpu", batch_size: int = 8, dtype="auto",
+                        device="cpu", batch_size="auto", dtype="auto",
                         tokenizer_from: Optional[str] = None) -> Dict[str, float]:
     """Perplexity of a checkpoint on each source's test windows, streamed block by block."""
     model_dir = resolve_model(model)

@@ -20,11 +20,16 @@ from .model import UnsupportedModelError
 
 def _common(parser, calibration=True):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward chunk")
+    parser.add_argument("--batch-size", type=_batch_size, default="auto",
+                        help="windows per forward chunk, or auto (1 on a CPU, from free memory on a GPU)")
     if calibration:
         parser.add_argument("--num-calibration", type=int, default=32)
         parser.add_argument("--seq-len", type=int, default=512)
         parser.add_argument("--seed", type=int, default=0)
+
+
+def _batch_size(text: str):
+    return text if text == "auto" else int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,7 +80,7 @@ class DenseWeights:
 
 
 def copal_method(lm, history, windows, *, gradient="lm", aggregation="sum", step_weights=None,
-                 normalisation="mean", group="row", device="cpu", batch_size=8,
+                 normalisation="mean", group="row", device="cpu", batch_size="auto",
                  block_states=None, desc="gradients"):
     """COPAL for one step: this step's gradient pass over the dense model (unless
     ``gradient="none"``), and the method that appends to ``history`` and prunes."""
@@ -96,14 +96,15 @@ def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size
     """One COPAL step: gradient pass on W0 (unless gradient='none'), then the sweep from W0."""
     method = copal_method(lm, history, windows, gradient=spec.gradient,
                           aggregation=spec.aggregation, step_weights=spec.step_weights,
-                          normalisation=spec.normalisation, group=spec.group, device=device, batch_size=batch_size, block_states=dense,
+                          normalisation=spec.normalisation, group=spec.group, device=device,
+                          batch_size=batch_size, block_states=dense,
                           desc=f"{desc} gradients")
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
                 block_states=dense, offload_activations=offload, desc=f"{desc} prune")
 
 
 def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset], spec: RunSpec, *,
-                  heldout: Optional[Dataset] = None, device="cpu", batch_size: int = 8,
+                  heldout: Optional[Dataset] = None, device="cpu", batch_size="auto",
                   offload_activations: bool = False, log=print) -> dict:
     """Run ``spec`` over ``datasets`` in order; after each step evaluate every dataset (and the
     held-out one). Leaves ``lm`` holding the last step's pruned weights."""

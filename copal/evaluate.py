@@ -8,16 +8,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import LayeredModel
-from .sweep import BlockStates, embed_windows, run_blocks, stream_blocks
+from .sweep import BlockStates, embed_windows, resolve_batch_size, run_blocks, stream_blocks
 
 
 def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device="cpu",
-                 batch_size: int = 8, block_states: BlockStates = None,
+                 batch_size="auto", block_states: BlockStates = None,
                  offload_activations: bool = False, desc: str = "evaluate") -> Dict[str, float]:
     """exp(mean next-token NLL over all predicted tokens) of each set of windows [N, S]; all sets
     go through each block together, so every block is loaded once."""
     names = list(test_sets)
     windows = torch.cat([test_sets[n] for n in names])
+    batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
     owners = torch.cat([torch.full((len(test_sets[n]),), i) for i, n in enumerate(names)])
     chunks = embed_windows(lm, windows, device, batch_size, offload_activations)
     with torch.no_grad():

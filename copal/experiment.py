@@ -33,7 +33,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"
-    batch_size: int = 8
+    batch_size: object = "auto"  # windows per forward chunk, or "auto" (see sweep.resolve_batch_size)
     offload_activations: bool = False  # keep activations in pinned host memory between blocks
     runs: List[RunSpec] = field(default_factory=lambda: [
         RunSpec("copal", "continual", "50%"), RunSpec("wanda", "restart", "50%")])

@@ -1,12 +1,23 @@
 """COPAL's gradient pass: ``g[i] = sqrt(mean over tokens of (dL/dy_i)^2)`` for every prunable
 Linear of the dense model, L the mean next-token cross-entropy on the calibration windows.
 
-Forward block by block keeping each block's inputs, then backward block by block, recomputing
-each block from its stored input; the device holds one block and one chunk's activations.
+The device holds one block (and the next one's copy) and one chunk's activations; block inputs
+wait on the host. Two knobs bound host memory, chosen by :func:`plan_gradient_pass`:
+
+- rounds: the windows go ``micro_batch`` at a time; each round reads every block again;
+- segments: a round's forward keeps the input of every ``segment``-th block only; the backward
+  recomputes each segment's inner inputs from its first one, then goes back through it block by
+  block (``segment = 1``: every input kept, no extra forward).
+
+A round keeps ``(ceil(B / segment) + segment) x micro_batch`` window-sized block inputs
+(``B / 1`` when ``segment = 1``) and reads ``2B`` blocks (``3B - ceil(B / segment)`` with
+segments). The plan takes the fewest block reads that fit the host budget.
 """
 
+import math
 import os
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,60 +27,114 @@ import copal_kernels as ck
 
 from .model import LayeredModel
 from .phases import phase
-from .sweep import BlockStates, park, embed_windows, run_blocks, stream_blocks
+from .sweep import BlockStates, embed_windows, park, resolve_batch_size, run_blocks, stream_blocks
 
 
-def stored_input_bytes(lm: LayeredModel, windows: torch.Tensor) -> int:
-    """Host bytes one round of the gradient pass keeps: every block's input for ``windows``."""
-    element = torch.empty((), dtype=lm.dtype).element_size()
-    return lm.num_blocks * windows.numel() * lm.config.hidden_size * element
+@dataclass(frozen=True)
+class GradientPlan:
+    """How the gradient pass walks ``windows`` windows through ``blocks`` blocks."""
+
+    blocks: int
+    windows: int
+    micro_batch: int
+    segment: int
+
+    @property
+    def rounds(self) -> int:
+        return math.ceil(self.windows / self.micro_batch)
+
+    @property
+    def kept_inputs(self) -> int:
+        """Window-sized block inputs held at once on the host: per window of a round."""
+        if self.segment == 1:
+            return self.blocks
+        return math.ceil(self.blocks / self.segment) + self.segment
+
+    @property
+    def block_reads(self) -> int:
+        """Blocks loaded onto the device over the whole pass."""
+        per_round = 2 * self.blocks
+        if self.segment > 1:
+            per_round += self.blocks - math.ceil(self.blocks / self.segment)
+        return self.rounds * per_round
 
 
-def auto_micro_batch(lm: LayeredModel, windows: torch.Tensor, host_budget_bytes: Optional[int] = None) -> int:
-    """The most windows per round whose stored block inputs fit ``host_budget_bytes`` (default:
-    a quarter of the host's physical memory); at least 1."""
-    if host_budget_bytes is None:
-        host_budget_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    per_window = stored_input_bytes(lm, windows[:1])
-    return max(1, min(len(windows), host_budget_bytes // per_window))
+def host_budget_bytes() -> int:
+    """Default host budget for the stored block inputs: a quarter of physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
-def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", batch_size: int = 8,
-                   micro_batch: Optional[int] = None, block_states: BlockStates = None,
+def window_input_bytes(lm: LayeredModel, seq_len: int) -> int:
+    """Bytes of one block input for one window."""
+    return seq_len * lm.config.hidden_size * torch.empty((), dtype=lm.dtype).element_size()
+
+
+def plan_gradient_pass(blocks: int, windows: int, window_bytes: int,
+                       budget_bytes: Optional[int] = None) -> GradientPlan:
+    """The plan with the fewest block reads whose kept inputs fit ``budget_bytes`` (ties: the
+    one with less recomputation). At least one window per round, even over budget."""
+    budget = host_budget_bytes() if budget_bytes is None else budget_bytes
+    best = None
+    for segment in range(1, blocks + 1):
+        probe = GradientPlan(blocks, windows, 1, segment)
+        micro_batch = max(1, min(windows, budget // (probe.kept_inputs * window_bytes)))
+        plan = GradientPlan(blocks, windows, micro_batch, segment)
+        key = (plan.block_reads, plan.kept_inputs * plan.micro_batch, segment)
+        if best is None or key < best[0]:
+            best = (key, plan)
+    return best[1]
+
+
+def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", batch_size="auto",
+                   micro_batch: Optional[int] = None, segment: Optional[int] = None,
+                   host_budget: Optional[int] = None, block_states: BlockStates = None,
                    timer=None, desc: str = "gradients") -> Dict[str, torch.Tensor]:
     """{"<block>.<layer>": fp32 [out]} on the host, from token windows [N, S].
 
-    The windows go in rounds of ``micro_batch`` (default :func:`auto_micro_batch`): a round runs
-    forward through every block keeping each block's input on the host, then backward block by
-    block, recomputing each block from its stored input. Host memory is bounded by one round's
-    stored inputs (:func:`stored_input_bytes`); each round reads every block twice. The result
-    does not depend on ``micro_batch`` (up to fp32 summation order): the loss is normalised by
-    all N x (S - 1) predicted tokens in every round.
+    ``micro_batch`` and ``segment`` default to :func:`plan_gradient_pass` for ``host_budget``
+    bytes of kept block inputs (default a quarter of host memory). The result does not depend
+    on them (up to fp32 summation order across rounds): every round's loss is normalised by all
+    N x (S - 1) predicted tokens.
     """
-    micro_batch = micro_batch or auto_micro_batch(lm, windows)
+    plan = plan_gradient_pass(lm.num_blocks, len(windows), window_input_bytes(lm, windows.shape[1]),
+                              host_budget)
+    plan = GradientPlan(lm.num_blocks, len(windows), micro_batch or plan.micro_batch,
+                        segment or plan.segment)
+    batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     sums: Dict[str, torch.Tensor] = {}
-    rounds = range(0, len(windows), micro_batch)
-    for number, start in enumerate(rounds):
-        label = desc if len(rounds) == 1 else f"{desc} round {number + 1}/{len(rounds)}"
-        _round(lm, windows[start:start + micro_batch], sums, predicted, device=device,
-               batch_size=batch_size, block_states=block_states, timer=timer, desc=label)
+    for number, start in enumerate(range(0, len(windows), plan.micro_batch)):
+        label = desc if plan.rounds == 1 else f"{desc} round {number + 1}/{plan.rounds}"
+        _round(lm, windows[start:start + plan.micro_batch], plan.segment, sums, predicted,
+               device=device, batch_size=batch_size, block_states=block_states, timer=timer,
+               desc=label)
     return {key: torch.sqrt(acc / windows.numel()).cpu() for key, acc in sums.items()}
 
 
-def _round(lm, windows, sums, predicted, *, device, batch_size, block_states, timer, desc):
+def _backward_order(blocks: int, segment: int) -> List[tuple]:
+    """(block, "recompute" | "backward") from the last segment to the first."""
+    order = []
+    for first in reversed(range(0, blocks, segment)):
+        inner = range(first, min(first + segment, blocks))
+        order += [(index, "recompute") for index in inner[:-1]]
+        order += [(index, "backward") for index in reversed(inner)]
+    return order
+
+
+def _round(lm, windows, segment, sums, predicted, *, device, batch_size, block_states, timer, desc):
     """Forward and backward over ``windows``, adding sum (dL/dy)^2 per output channel to ``sums``."""
     with phase(timer, "gradient forward"):
         chunks = embed_windows(lm, windows, device, batch_size)
         targets = [ids[:, 1:].to(device) for ids in windows.split(batch_size)]
-    offload = torch.device(device).type == "cuda"  # stored inputs wait in pinned host memory
-    inputs = []
+    offload = torch.device(device).type == "cuda"  # kept inputs wait in pinned host memory
+    kept: Dict[int, list] = {}
     with torch.no_grad():
         blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states, timer)
         for index, block in tqdm(blocks, total=lm.num_blocks, desc=f"{desc} (forward)",
                                  unit="block", leave=False):
             with phase(timer, "gradient forward"):
-                inputs.append([park(h, offload) for h in chunks])
+                if index % segment == 0:
+                    kept[index] = [park(h, offload) for h in chunks]
                 chunks = run_blocks(lm, block, chunks, device)
             lm.unload_block(index)
 
@@ -86,26 +151,37 @@ def _round(lm, windows, sums, predicted, *, device, batch_size, block_states, ti
             grads.append(grad)
         del chunks
 
-    blocks = stream_blocks(lm, reversed(range(lm.num_blocks)), device, block_states, timer)
-    for index, block in tqdm(blocks, total=lm.num_blocks, desc=f"{desc} (backward)", unit="block",
-                             leave=False):
-        with phase(timer, "gradient backward"):
-            linears = lm.linears(block)
-            for name, linear in linears.items():
-                sums.setdefault(f"{index}.{name}", torch.zeros(linear.out_features, device=device))
-            handles = [linear.register_forward_hook(_capture(sums[f"{index}.{name}"]))
-                       for name, linear in linears.items()]
-            try:
-                for j, stored in enumerate(inputs[index]):
-                    x = stored.to(device, non_blocking=True).requires_grad_(True)
-                    with torch.enable_grad():
-                        out = lm.run_block(block, x, lm.block_context(x))
-                        (grads[j],) = torch.autograd.grad(out, x, grads[j])
-            finally:
-                for handle in handles:
-                    handle.remove()
-            inputs[index] = None
+    order = _backward_order(lm.num_blocks, segment)
+    blocks = stream_blocks(lm, [index for index, _ in order], device, block_states, timer)
+    for (index, block), (_, role) in tqdm(zip(blocks, order), total=len(order),
+                                          desc=f"{desc} (backward)", unit="block", leave=False):
+        if role == "recompute":  # the next block's input, from this one's
+            with phase(timer, "gradient recompute"), torch.no_grad():
+                outputs = run_blocks(lm, block, kept[index], device)
+                kept[index + 1] = [park(h, offload) for h in outputs]
+        else:
+            with phase(timer, "gradient backward"):
+                _backward_block(lm, block, index, kept.pop(index), grads, sums, device)
         lm.unload_block(index)
+
+
+def _backward_block(lm, block, index, inputs, grads, sums, device):
+    """Recompute ``block`` from its stored ``inputs`` and turn ``grads`` (dL/d output, per chunk)
+    into dL/d input in place, adding each Linear's squared output gradients to ``sums``."""
+    linears = lm.linears(block)
+    for name, linear in linears.items():
+        sums.setdefault(f"{index}.{name}", torch.zeros(linear.out_features, device=device))
+    handles = [linear.register_forward_hook(_capture(sums[f"{index}.{name}"]))
+               for name, linear in linears.items()]
+    try:
+        for j, stored in enumerate(inputs):
+            x = stored.to(device, non_blocking=True).requires_grad_(True)
+            with torch.enable_grad():
+                out = lm.run_block(block, x, lm.block_context(x))
+                (grads[j],) = torch.autograd.grad(out, x, grads[j])
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _capture(acc: torch.Tensor):

@@ -56,10 +56,17 @@ def section(directory: Path) -> str:
     return "\n\n".join(parts)
 
 
+ANALYSIS_MARK = "<!-- analysis: written by hand, kept by scripts/results_doc.py -->"
+
+
 def main(directories):
     body = [INTRO] + [section(Path(d)) for d in directories if (Path(d) / "results.json").is_file()]
-    (DOCS / "results.md").write_text("\n\n".join(body) + "\n")
-    print(DOCS / "results.md")
+    target = DOCS / "results.md"
+    old = target.read_text() if target.is_file() else ""
+    if ANALYSIS_MARK in old:  # the hand-written analysis at the end survives a regeneration
+        body.append(old[old.index(ANALYSIS_MARK):].rstrip())
+    target.write_text("\n\n".join(body) + "\n")
+    print(target)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from copal.gradients import gradient_norms
+from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass
 from copal.methods import Pattern, make_method
 from copal.model import LayeredModel
-from copal.sweep import prune_sweep, stream_blocks
+from copal.sweep import prune_sweep, resolve_batch_size, stream_blocks
 from copal.synthetic import SHAPES, SyntheticReader, synthetic_config, synthetic_model
 
 from .tiny import tiny_model
@@ -55,14 +55,31 @@ def test_stream_blocks_yields_in_order_with_states():
     assert seen == list(reversed(range(lm.num_blocks)))
 
 
-def test_micro_batched_gradient_pass_equals_one_round():
-    lm = LayeredModel.from_model(tiny_model())
+@pytest.mark.parametrize("micro_batch,segment", [(2, 1), (5, 2), (2, 3)],
+                         ids=["rounds", "segments", "rounds+segments"])
+def test_bounded_gradient_pass_equals_one_round(micro_batch, segment):
+    lm = LayeredModel.from_model(tiny_model(layers=5))
     windows = torch.randint(0, lm.config.vocab_size, (5, 20), generator=torch.Generator().manual_seed(1))
-    whole = gradient_norms(lm, windows, batch_size=2, micro_batch=5)
-    rounds = gradient_norms(lm, windows, batch_size=2, micro_batch=2)
-    assert whole.keys() == rounds.keys()
+    whole = gradient_norms(lm, windows, batch_size=2, micro_batch=5, segment=1)
+    bounded = gradient_norms(lm, windows, batch_size=2, micro_batch=micro_batch, segment=segment)
+    assert whole.keys() == bounded.keys() and len(whole) == 5 * 7
     for key in whole:
-        assert torch.allclose(whole[key], rounds[key], rtol=1e-5, atol=0), key
+        assert torch.allclose(whole[key], bounded[key], rtol=1e-5, atol=0), key
+
+
+@pytest.mark.parametrize("blocks,windows,budget", [(80, 128, 128), (80, 128, 1100), (32, 128, 64),
+                                                   (32, 128, 5000), (30, 32, 10), (4, 3, 1)])
+def test_plan_takes_the_fewest_block_reads_that_fit(blocks, windows, budget):
+    plan = plan_gradient_pass(blocks, windows, 1, budget)
+    fits = lambda p: p.micro_batch == 1 or p.kept_inputs * p.micro_batch <= budget
+    assert fits(plan)
+    for segment in range(1, blocks + 1):
+        for micro_batch in range(1, windows + 1):
+            other = GradientPlan(blocks, windows, micro_batch, segment)
+            if fits(other):
+                assert plan.block_reads <= other.block_reads, other
+    if budget >= blocks * windows:  # everything fits: one round, every input kept, 2 reads a block
+        assert plan.block_reads <= 2 * blocks
 
 
 CHILD = textwrap.dedent("""
@@ -70,7 +87,7 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from transformers import LlamaConfig
-    from copal.gradients import gradient_norms
+    from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass
     from copal.methods import Pattern, make_method
     from copal.model import LayeredModel
     from copal.synthetic import SyntheticReader
@@ -140,3 +157,12 @@ def test_gpu_sweep_benchmark_smoke_run_on_cpu(tmp_path):
     assert record["run"]["blocks"] == 4 and record["run"]["small_run"]["blocks"] == 2
     assert record["projected_full"]["seconds"] > 0
     assert {"load", "forward", "kernels", "propagate", "offload"} <= set(record["run"]["sweep_phases"])
+
+
+def test_batch_size_auto_and_checks():
+    lm = synthetic_model("tiny", dtype=torch.float32)
+    assert resolve_batch_size("auto", lm, 64, "cpu") == 1
+    assert resolve_batch_size(3, lm, 64, "cpu") == 3
+    for bad in (0, -2, "eight", 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            resolve_batch_size(bad, lm, 64, "cpu")
