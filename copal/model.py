@@ -194,7 +194,8 @@ class LayeredModel:
     def unload_block(self, index: int, device="cpu") -> None:
         """Move a finished block off the accelerator; a lazy model drops its weights entirely."""
         self.blocks[index].to("meta" if self.lazy else device)
-        _release_host_memory()
+        if self.lazy:  # its weights are gone: give their memory back (in-memory models keep theirs)
+            _release_host_memory()
 
     def block_state(self, index: int) -> Dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.blocks[index].state_dict().items()}
