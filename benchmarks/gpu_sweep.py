@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 
 from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass, window_input_bytes
 from copal.methods import Pattern, make_method
-from copal.phases import PhaseTimer
+from copal.phases import HostPeak, PhaseTimer
 from copal.sweep import prune_sweep, resolve_batch_size
 from copal.synthetic import SHAPES, SYNTHETIC_LABEL, synthetic_config, synthetic_model
 from copal_kernels.machine import environment
@@ -43,31 +42,6 @@ try:
     from .common import RESULTS_DIR, median_seconds, print_table
 except ImportError:  # run as a script
     from common import RESULTS_DIR, median_seconds, print_table
-
-
-class HostPeak:
-    """Peak resident host memory (VmRSS) while the context runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.peak = self.start = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
 
 
 def _sync(device):

@@ -1,7 +1,9 @@
-"""Wall time per phase of a sweep (load, forward, kernels, propagate, offload, ...), for the
-benchmarks. The sweeps take an optional timer; without one they time nothing and never wait."""
+"""Wall time per phase of a sweep (load, forward, kernels, propagate, offload, ...) and peak host
+memory, for the benchmarks and the memory tests. The sweeps take an optional timer; without one
+they time nothing and never wait."""
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 
@@ -33,6 +35,35 @@ class PhaseTimer:
 
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+class HostPeak:
+    """Peak resident host memory (VmRSS, Linux) while the context runs, sampled every
+    ``interval`` seconds on a thread: ``start``, ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+
+    def __enter__(self):
+        self.peak = self.start = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
 
 
 def _sync() -> None:

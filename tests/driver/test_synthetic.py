@@ -83,19 +83,16 @@ def test_plan_takes_the_fewest_block_reads_that_fit(blocks, windows, budget):
 
 
 CHILD = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, sys
     import torch
     torch.set_num_threads(1)
     from transformers import LlamaConfig
+    from copal.phases import HostPeak
     from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass
     from copal.methods import Pattern, make_method
     from copal.model import LayeredModel
     from copal.synthetic import SyntheticReader
     from copal.sweep import prune_sweep
-
-    def rss():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
 
     blocks = int(sys.argv[1])
     config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=blocks,
@@ -103,20 +100,11 @@ CHILD = textwrap.dedent("""
     lm = LayeredModel.from_reader(config, SyntheticReader(config, dtype=torch.float32, pin=False),
                                   torch.float32)
     windows = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
-    peak, done = [rss()], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak.append(max(peak[-1], rss()))
-            time.sleep(0.002)
-    baseline = peak[0]
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    grads = gradient_norms(lm, windows, batch_size=4, micro_batch=2)
-    prune_sweep(lm, windows, make_method("copal", history={}, grad_norms=grads),
-                Pattern.parse("2:4"), batch_size=4)
-    done.set()
-    sampler.join()
-    print(json.dumps({"growth_kb": peak[-1] - baseline}))
+    with HostPeak(interval=0.002) as host:
+        grads = gradient_norms(lm, windows, batch_size=4, micro_batch=2)
+        prune_sweep(lm, windows, make_method("copal", history={}, grad_norms=grads),
+                    Pattern.parse("2:4"), batch_size=4)
+    print(json.dumps({"growth_kb": (host.peak - host.start) // 1024}))
 """)
 
 
