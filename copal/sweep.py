@@ -60,8 +60,9 @@ def stream_blocks(lm: LayeredModel, order: Iterable[int], device, block_states: 
 def resolve_batch_size(batch_size, lm: LayeredModel, seq_len: int, device) -> int:
     """Windows per forward chunk. ``"auto"``: 1 on a CPU (measured fastest on the project's
     2-core machines: a block's activations stay in cache; 8 windows were 20-25% slower, see
-    docs/performance.md); on a GPU as many as a quarter of the free memory holds, counting a
-    block's intermediate tensors and the fp32 logits of the loss."""
+    docs/performance.md); on a GPU as many as an eighth of the free memory holds, counting a
+    block's intermediate tensors and the fp32 logits of the loss, at most 8 (8 x 2048 tokens
+    already make 16k-row matmuls; larger chunks only add transient memory)."""
     if batch_size != "auto":
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
@@ -74,7 +75,7 @@ def resolve_batch_size(batch_size, lm: LayeredModel, seq_len: int, device) -> in
     per_window = seq_len * ((6 * config.hidden_size + 3 * config.intermediate_size) * element
                             + 3 * config.vocab_size * 4)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(64, free // 4 // per_window)))
+    return int(max(1, min(8, free // 8 // per_window)))
 
 
 def park(hidden: torch.Tensor, offload: bool) -> torch.Tensor:
