@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass
 from copal.methods import Pattern, make_method
 from copal.model import LayeredModel
-from copal.sweep import prune_sweep, resolve_batch_size, stream_blocks
+from copal.sweep import (embed_windows, observe_blocks, prune_sweep, resolve_batch_size, run_blocks,
+                         stream_blocks)
 from copal.synthetic import SHAPES, SyntheticReader, synthetic_config, synthetic_model
 
 from .tiny import tiny_model
@@ -154,3 +155,23 @@ def test_batch_size_auto_and_checks():
     for bad in (0, -2, "eight", 2.5):
         with pytest.raises(ValueError, match="batch_size"):
             resolve_batch_size(bad, lm, 64, "cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_observing_stops_at_the_last_layer_with_the_same_statistics(arch):
+    lm = LayeredModel.from_model(tiny_model(arch))
+    windows = torch.randint(0, lm.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    method = make_method("sparsegpt")  # activations and Gram matrices
+    with torch.no_grad():
+        chunks = embed_windows(lm, windows, "cpu", 2)
+        block = lm.load_block(0, "cpu")
+        linears = lm.linears(block)
+        assert list(linears)[-1] == "mlp.down_proj"
+        with method.observe(linears) as full:
+            run_blocks(lm, block, chunks, "cpu")
+        with method.observe(linears) as stopped:
+            observe_blocks(lm, block, chunks, "cpu")
+    for name in linears:
+        assert torch.equal(full[name].act_sumsq, stopped[name].act_sumsq), name
+        assert torch.equal(full[name].gram, stopped[name].gram), name
+        assert full[name].tokens == stopped[name].tokens == 36
