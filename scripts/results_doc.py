@@ -16,7 +16,7 @@ INTRO = """# Results
 
 Every number here comes from `scripts/run_results.sh` (`copal experiment` on the configs in
 `configs/`), on the machine and versions given with each table; this page is composed by
-`python scripts/results_doc.py runs/results-*`. Model: SmolLM2-135M-Instruct (the real offline
+`python scripts/results_doc.py runs/results-* runs/ablations`. Model: SmolLM2-135M-Instruct (the real offline
 checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
 every Linear of the decoder blocks prunable. **Windows: 16 calibration and 16 test windows of 256
 tokens per dataset** (the main job's), not the standard protocol's 32 x 512, which did not fit the
