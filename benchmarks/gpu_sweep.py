@@ -69,7 +69,6 @@ def measure_floors(device) -> dict:
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     h2d = nbytes / _time(lambda: dev.copy_(host, non_blocking=True), device)
     d2h = nbytes / _time(lambda: host.copy_(dev, non_blocking=True), device)
-    del a, b, host, dev
     return {"matmul_flops": matmul, "h2d_bytes_per_s": h2d, "d2h_bytes_per_s": d2h,
             "matmul_dtype": str(dtype).replace("torch.", "")}
 
