@@ -9,7 +9,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from copal.assets import resolve_model
@@ -21,8 +20,10 @@ from copal.sweep import prune_sweep
 
 try:
     from .common import append_results, print_table
+    from .cpu_wanda_protocol import loop_perplexity
 except ImportError:  # run as a script
     from common import append_results, print_table
+    from cpu_wanda_protocol import loop_perplexity
 
 
 def _seconds(fn) -> float:
@@ -51,14 +52,8 @@ def main():
             "sweep_s": _seconds(lambda: prune_sweep(lm, data.calibration, make_method("wanda"),
                                                     Pattern.parse("50%"), batch_size=chunk)),
             "perplexity_s": _seconds(lambda: perplexities(lm, {"x": data.test}, batch_size=chunk))})
-
-    def loop_perplexity():
-        with torch.no_grad():
-            for ids in data.test:
-                logits = model(ids[None]).logits[0, :-1].float()
-                F.cross_entropy(logits, ids[1:], reduction="sum")
-
-    rows.append({"path": "per-sample loop", "sweep_s": None, "perplexity_s": _seconds(loop_perplexity)})
+    rows.append({"path": "per-sample loop", "sweep_s": None,
+                 "perplexity_s": _seconds(lambda: loop_perplexity(model, data.test))})
     path = append_results("cpu_chunk_size.jsonl", [{**row, "windows": args.windows,
                                                      "seq_len": args.seq_len, "source": args.source}
                                                     for row in rows])

@@ -75,6 +75,17 @@ def _loop_prune_layer(weight, scaler_row, pattern):
     weight[pruned] = 0
 
 
+def loop_perplexity(model, windows) -> float:
+    """Perplexity one window [S] at a time through the full model, as Wanda's eval does."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            logits = model(ids[None]).logits[0, :-1].float()
+            nll += float(F.cross_entropy(logits, ids[1:], reduction="sum").double())
+            count += len(ids) - 1
+    return math.exp(nll / count)
+
+
 def run_loop(model_dir, datasets, pattern):
     """A per-sample loop in the style of Wanda's code: (masks per step, P matrix)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -104,16 +115,7 @@ def run_loop(model_dir, datasets, pattern):
                     _loop_prune_layer(module.weight.data, sums[name] / len(inps), pattern)
                 inps = [lm.run_block(block, inps[j], context) for j in range(len(inps))]
         masks.append(_masks(lm.blocks))
-        row = []
-        for seen in datasets[: step + 1]:
-            nll, count = 0.0, 0
-            with torch.no_grad():
-                for ids in seen.test:
-                    logits = model(ids[None]).logits[0, :-1].float()
-                    nll += float(F.cross_entropy(logits, ids[1:], reduction="sum").double())
-                    count += len(ids) - 1
-            row.append(math.exp(nll / count))
-        matrix.append(row)
+        matrix.append([loop_perplexity(model, seen.test) for seen in datasets[: step + 1]])
     return masks, matrix
 
 

@@ -99,7 +99,6 @@ def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batc
     batch_size = resolve_batch_size(batch_size, lm, seq, device)
     lm.read_block_state(0)  # draw the source's block before the clock starts
     block_bytes = block_params(lm.config) * torch.empty((), dtype=lm.dtype).element_size()
-    outputs = {}
     host_out = {}
 
     def offload(index, block):  # the finished block to (reused, pinned) host memory
@@ -108,7 +107,6 @@ def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batc
                 host_out[name] = torch.empty(tensor.shape, dtype=tensor.dtype,
                                              pin_memory=device.type == "cuda")
             host_out[name].copy_(tensor, non_blocking=True)
-        outputs["blocks"] = outputs.get("blocks", 0) + 1
 
     gradient_timer, sweep_timer = PhaseTimer(), PhaseTimer()
     if device.type == "cuda":

@@ -72,8 +72,11 @@ class DenseWeights:
 
     @classmethod
     def snapshot(cls, lm: LayeredModel) -> "DenseWeights":
-        return cls([{k: v.clone().cpu() for k, v in lm.block_state(i).items()}
-                    for i in range(lm.num_blocks)])
+        """Host copies, pinned when there is a GPU: every step streams them to the device again
+        (sweep.stream_blocks would otherwise pin a fresh copy of each block on every read)."""
+        pin = torch.cuda.is_available()
+        return cls([{k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin).copy_(v)
+                     for k, v in lm.block_state(i).items()} for i in range(lm.num_blocks)])
 
     def __call__(self, index: int) -> Dict[str, torch.Tensor]:
         return self.blocks[index]

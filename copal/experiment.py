@@ -89,9 +89,8 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     config_dict = asdict(config)
     results = {"config": config_dict, "environment": environment(), "runs": []}
     if results_path.is_file():
-        previous = json.loads(results_path.read_text()).get("config", {})
-        if all(previous.get(key) == config_dict[key] for key in RESULT_KEYS):
-            previous = json.loads(results_path.read_text())
+        previous = json.loads(results_path.read_text())
+        if all(previous.get("config", {}).get(key) == config_dict[key] for key in RESULT_KEYS):
             results["runs"] = previous["runs"]
             results["dense"] = previous.get("dense")
             log(f"resuming: {len(results['runs'])} finished run(s) in {results_path}")

@@ -122,9 +122,8 @@ def observe_blocks(lm: LayeredModel, block, chunks: List[torch.Tensor], device) 
     handle = last.register_forward_pre_hook(stop)  # after the statistics hooks: they run first
     try:
         for hidden in chunks:
-            hidden = hidden.to(device, non_blocking=True)
             try:
-                lm.run_block(block, hidden, lm.block_context(hidden))
+                run_blocks(lm, block, [hidden], device)
             except _Observed:
                 pass
     finally:
