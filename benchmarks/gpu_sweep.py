@@ -170,17 +170,22 @@ def main():
     floors = measure_floors(device)
     print(f"{SYNTHETIC_LABEL}\nmeasured: matmul {floors['matmul_flops'] / 1e12:.0f} TFLOP/s, "
           f"h2d {floors['h2d_bytes_per_s'] / 1e9:.1f} GB/s, d2h {floors['d2h_bytes_per_s'] / 1e9:.1f} GB/s")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_sweep-{stamp}.json"
     records, rows = [], []
-    for shape in args.shape:
-        full = synthetic_config(shape)
-        full_blocks = full.num_hidden_layers
-        # the gradient pass may keep as many block inputs on the host as the sweep has
-        # activations; planned for the full model, whatever number of blocks runs here
-        window_bytes = args.seq * full.hidden_size * 2
-        plan = plan_gradient_pass(full_blocks, args.samples, window_bytes,
-                                  args.samples * window_bytes)
-        whole = shape in args.full_shapes or 2 * args.blocks >= full_blocks
-        for pattern in args.pattern:
+    # pattern-major, so that a run cut short by its time limit still has every shape once
+    for pattern in args.pattern:
+        for shape in args.shape:
+            full = synthetic_config(shape)
+            full_blocks = full.num_hidden_layers
+            # the gradient pass may keep as many block inputs on the host as the sweep has
+            # activations; planned for the full model, whatever number of blocks runs here
+            window_bytes = args.seq * full.hidden_size * 2
+            plan = plan_gradient_pass(full_blocks, args.samples, window_bytes,
+                                      args.samples * window_bytes)
+            whole = shape in args.full_shapes or 2 * args.blocks >= full_blocks
             if whole:
                 run = run_step(shape, full_blocks, pattern, args.samples, args.seq,
                                args.batch_size, plan, device)
@@ -219,13 +224,11 @@ def main():
                 "host growth GB": f"{run['host_growth_bytes'] / 1e9:.1f}",
                 "2 blocks + acts GB": f"{(2 * block_bytes + args.samples * window_bytes) / 1e9:.1f}",
             })
+            print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+            # rewritten after every record: a run stopped by its time limit keeps what it did
+            path.write_text(json.dumps({"environment": environment(), "args": vars(args),
+                                        "records": records}, indent=1))
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_sweep-{stamp}.json"
-    path.write_text(json.dumps({"environment": environment(), "args": vars(args),
-                                "records": records}, indent=1))
     print(f"\nresults {path}\n{SYNTHETIC_LABEL}")
     print_table(rows, list(rows[0]))
 
