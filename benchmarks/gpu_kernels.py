@@ -66,11 +66,11 @@ def bench_shape(out_features, in_features):
     copy_gbps = read_write / copy_ms / 1e6
 
     def ref_nm():
-        keep = naive.nm_mask(naive.importance(weight, None, act_norms), 2, 4)
+        keep = naive.nm_mask(naive.importance(weight, None, act_norms[None]), 2, 4)
         weight.masked_fill_(~keep, 0)
 
     def ref_row():
-        keep = naive.row_mask(naive.importance(weight, None, act_norms), 0.5)
+        keep = naive.row_mask(naive.importance(weight, None, act_norms[None]), 0.5)
         weight.masked_fill_(~keep, 0)
 
     def ref_layer():

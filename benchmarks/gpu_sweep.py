@@ -24,6 +24,7 @@ of the same code on a CPU (its numbers mean nothing).
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import time
@@ -33,8 +34,8 @@ import torch
 
 from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass, window_input_bytes
 from copal.methods import Pattern, make_method
-from copal.phases import HostPeak, PhaseTimer
-from copal.sweep import prune_sweep, resolve_batch_size
+from copal.phases import HostPeak, PhaseTimer, resident_bytes
+from copal.sweep import prune_sweep, release_pinned_cache, resolve_batch_size
 from copal.synthetic import SHAPES, SYNTHETIC_LABEL, synthetic_config, synthetic_model
 from copal_kernels.machine import environment
 
@@ -91,7 +92,16 @@ def step_flops(config, blocks: int, samples: int, seq: int) -> float:
 
 def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batch_size: int,
              plan: GradientPlan, device) -> dict:
-    """One COPAL step on ``blocks`` synthetic blocks; phase times, peaks, bytes moved."""
+    """One COPAL step on ``blocks`` synthetic blocks; phase times, peaks, bytes moved.
+
+    Host memory: ``baseline`` is the process before the model exists (interpreter, CUDA context,
+    earlier runs' caches released); ``source`` the synthetic checkpoint's resident tensors (one
+    block, embedding, head), which a real run reads from disk instead."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        release_pinned_cache()
+    gc.collect()
+    baseline = resident_bytes()
     lm = synthetic_model(shape, num_blocks=blocks, dtype=torch.bfloat16 if device.type == "cuda"
                          else torch.float32, seed=0, distinct_blocks=1)
     generator = torch.Generator().manual_seed(0)
@@ -110,7 +120,6 @@ def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batc
 
     gradient_timer, sweep_timer = PhaseTimer(), PhaseTimer()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with HostPeak() as host:
         _sync(device)
@@ -133,7 +142,11 @@ def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batc
         "sweep_seconds": total - gradient_seconds,
         "gradient_phases": dict(gradient_timer.seconds), "sweep_phases": dict(sweep_timer.seconds),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_device_reserved_bytes": (torch.cuda.max_memory_reserved(device)
+                                       if device.type == "cuda" else None),
         "peak_host_bytes": host.peak, "host_growth_bytes": host.peak - host.start,
+        "host_baseline_bytes": baseline, "host_above_baseline_bytes": host.peak - baseline,
+        "source_host_bytes": lm.reader.host_bytes(),
         "block_bytes": block_bytes,
         "h2d_bytes": (done.block_reads + blocks) * block_bytes, "d2h_bytes": blocks * block_bytes,
         "kept_inputs_bytes_per_round": done.kept_inputs * plan.micro_batch * window_input_bytes(lm, seq),
@@ -221,7 +234,7 @@ def main():
                 "x floor": f"{projected['seconds'] / floor:.2f}",
                 "peak dev GB": "-" if run["peak_device_bytes"] is None else f"{run['peak_device_bytes'] / 1e9:.1f}",
                 "peak host GB": f"{run['peak_host_bytes'] / 1e9:.1f}",
-                "host growth GB": f"{run['host_growth_bytes'] / 1e9:.1f}",
+                "host above baseline GB": f"{run['host_above_baseline_bytes'] / 1e9:.1f}",
                 "2 blocks + acts GB": f"{(2 * block_bytes + args.samples * window_bytes) / 1e9:.1f}",
             })
             print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)

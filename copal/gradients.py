@@ -27,7 +27,8 @@ import copal_kernels as ck
 
 from .model import LayeredModel
 from .phases import phase
-from .sweep import BlockStates, embed_windows, park, resolve_batch_size, run_blocks, stream_blocks
+from .sweep import (BlockStates, embed_windows, park, release_pinned_cache, resolve_batch_size,
+                    run_blocks, stream_blocks)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,10 @@ def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", bat
         _round(lm, windows[start:start + plan.micro_batch], plan.segment, sums, predicted,
                device=device, batch_size=batch_size, block_states=block_states, timer=timer,
                desc=label)
-    return {key: torch.sqrt(acc / windows.numel()).cpu() for key, acc in sums.items()}
+    norms = {key: torch.sqrt(acc / windows.numel()).cpu() for key, acc in sums.items()}
+    if torch.device(device).type == "cuda":  # the kept inputs' pinned buffers: not for the sweep
+        release_pinned_cache()
+    return norms
 
 
 def _backward_order(blocks: int, segment: int) -> List[tuple]:

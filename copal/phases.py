@@ -45,7 +45,7 @@ class HostPeak:
         self.interval = interval
 
     def __enter__(self):
-        self.peak = self.start = _rss()
+        self.peak = self.start = resident_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -53,15 +53,15 @@ class HostPeak:
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, resident_bytes())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, resident_bytes())
 
 
-def _rss() -> int:
+def resident_bytes() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
 

@@ -8,6 +8,8 @@
 #   sweep    benchmarks.gpu_sweep, the full COPAL step on 7B/65B/70B shapes            5 min
 #            (rewrites its JSON after every record, so a cut run keeps what it did)
 #   kernels  benchmarks.gpu_kernels, then the kernel tests compiled for the GPU        3 min
+#            (pytest-xdist, on the image: Triton compiles in 8 processes)
+# SWEEP_ARGS passes arguments to the sweep benchmark (e.g. "--shape llama-65b --pattern 2:4").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -26,13 +28,13 @@ if wants driver; then
         2>&1 | clean | tee "$OUT/pytest_driver.txt" | tail -n 30 || status=1
 fi
 if wants sweep; then
-    timeout "${SWEEP_TIMEOUT:-300}" python3 -m benchmarks.gpu_sweep --out "$OUT" \
+    timeout "${SWEEP_TIMEOUT:-300}" python3 -m benchmarks.gpu_sweep --out "$OUT" ${SWEEP_ARGS:-} \
         2>&1 | clean | tee "$OUT/gpu_sweep.txt" || status=1
 fi
 if wants kernels; then
     timeout "${KERNELS_TIMEOUT:-90}" python3 -m benchmarks.gpu_kernels --out "$OUT" \
         2>&1 | clean | tee "$OUT/gpu_kernels.txt" || status=1
-    timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -q -x tests/test_*.py -p no:cacheprovider \
+    timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -q -x -n 8 tests/test_*.py -p no:cacheprovider \
         2>&1 | clean | tee "$OUT/pytest_kernels.txt" | tail -n 30 || status=1
 fi
 exit $status
