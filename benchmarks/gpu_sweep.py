@@ -174,11 +174,19 @@ def main():
                         help="k: shapes not in --full-shapes run k and 2k blocks and are projected")
     parser.add_argument("--full-shapes", nargs="*", default=["llama-7b"],
                         help="shapes run with all their blocks")
+    parser.add_argument("--device-memory-cap-gb", type=float, default=None,
+                        help="cap this process's device memory (the caching allocator then "
+                             "reuses its free blocks instead of reserving more): proves a step "
+                             "fits a smaller GPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS_DIR))
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --device cpu --shape tiny for a smoke run")
+    if device.type == "cuda" and args.device_memory_cap_gb:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.device_memory_cap_gb * 1e9 / total),
+                                                   device)
 
     floors = measure_floors(device)
     print(f"{SYNTHETIC_LABEL}\nmeasured: matmul {floors['matmul_flops'] / 1e12:.0f} TFLOP/s, "
@@ -233,6 +241,7 @@ def main():
                 "floor s": f"{floor:.1f} ({'compute' if compute_floor >= transfer_floor else 'transfer'})",
                 "x floor": f"{projected['seconds'] / floor:.2f}",
                 "peak dev GB": "-" if run["peak_device_bytes"] is None else f"{run['peak_device_bytes'] / 1e9:.1f}",
+                "reserved GB": "-" if run["peak_device_reserved_bytes"] is None else f"{run['peak_device_reserved_bytes'] / 1e9:.1f}",
                 "peak host GB": f"{run['peak_host_bytes'] / 1e9:.1f}",
                 "host above baseline GB": f"{run['host_above_baseline_bytes'] / 1e9:.1f}",
                 "2 blocks + acts GB": f"{(2 * block_bytes + args.samples * window_bytes) / 1e9:.1f}",

@@ -13,7 +13,8 @@ keys equal to it, the first ones in column order, which is what a stable ascendi
   sync); ties at the threshold are pruned in row-major order.
 """
 
-from typing import Optional
+import warnings
+from typing import Dict, Optional
 
 import torch
 import triton
@@ -55,16 +56,24 @@ def _score_keys(
 def _digit_counts(keys, ok, prefix, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr,
                   RADIX_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """[BLOCK_R, NUM_BINS] int32: per row, how many keys matching ``prefix`` (the digits above
-    ``SHIFT``) have each digit at ``SHIFT``. One histogram whose bin is (row, digit)."""
+    ``SHIFT``) have each digit at ``SHIFT``.
+
+    One row reduction per digit, not ``tl.histogram``: with the histogram, the kernels compiled
+    by Triton 3.6 on an H200 gave masks that differed from the reference on a 9 x 4999 matrix
+    (a column loop with a partial last chunk), while the interpreter with the same tiles was
+    exact; the histogram was the one op there with its own GPU lowering (which Triton has since
+    reworked, triton-lang/triton#11767). Plain reductions lower the same everywhere."""
     if SHIFT + RADIX_BITS >= 32:
         match = ok
     else:
         match = ok & ((keys >> (SHIFT + RADIX_BITS)) == prefix[:, None])
-    local_row = tl.arange(0, BLOCK_R)[:, None]
-    bins = local_row * NUM_BINS + ((keys >> SHIFT) & (NUM_BINS - 1))
-    counts = tl.histogram(tl.reshape(bins, [BLOCK_R * BLOCK_C]), BLOCK_R * NUM_BINS,
-                          mask=tl.reshape(match, [BLOCK_R * BLOCK_C]))
-    return tl.reshape(counts, [BLOCK_R, NUM_BINS])
+    digits = tl.where(match, (keys >> SHIFT) & (NUM_BINS - 1), NUM_BINS)  # NUM_BINS: no bin
+    bins = tl.arange(0, NUM_BINS)[None, :]
+    counts = tl.zeros([BLOCK_R, NUM_BINS], dtype=tl.int32)
+    for digit in tl.static_range(NUM_BINS):
+        in_bin = tl.sum((digits == digit).to(tl.int32), axis=1)
+        counts = tl.where(bins == digit, in_bin[:, None], counts)
+    return counts
 
 
 @triton.jit
@@ -238,15 +247,54 @@ def _layer_threshold(weight, meta, num_pruned, block_r, block_c):
     return prefix, ties_to_prune
 
 
+_TRUSTED: Dict[str, bool] = {}
+
+
+def self_check(device) -> bool:
+    """Run the kernels on ``device`` against the reference on a matrix like the one they once
+    failed on (9 x 4999: several column chunks, the last partial; ties; two steps), per row and
+    per layer. True when every mask is identical."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = (torch.randn(9, 4999, generator=gen, device=device) * 2).round() / 2
+    grads = torch.rand(2, 9, generator=gen, device=device) + 0.05
+    acts = torch.rand(2, 4999, generator=gen, device=device) + 0.05
+    score = naive.importance(weight, grads, acts)
+    for group in GROUPS:
+        for sparsity in (0.5, 0.9):
+            reference = (naive.row_mask if group == "row" else naive.layer_mask)(score, sparsity)
+            keep = _unstructured(weight, grads, acts, sparsity, group, "sum", None, True, False,
+                                 False, skip_self_check=True)
+            if not torch.equal(keep, reference):
+                return False
+    return True
+
+
+def _trusted(device: torch.device) -> bool:
+    """Whether to use the kernels on this GPU: :func:`self_check` once per device and process;
+    on a mismatch, a warning and the torch reference from then on (same masks, slower)."""
+    key = str(device)
+    if key not in _TRUSTED:
+        _TRUSTED[key] = True  # the check itself runs the kernels
+        _TRUSTED[key] = self_check(device)
+        if not _TRUSTED[key]:
+            warnings.warn(f"copal_kernels: the unstructured kernels compiled for {device} "
+                          f"({torch.cuda.get_device_name(device)}, triton {triton.__version__}) "
+                          "gave masks that differ from the reference in a self-check; using the "
+                          "torch reference on this device (identical masks, slower)", RuntimeWarning)
+    return _TRUSTED[key]
+
+
 def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, step_weights,
-                  write_mask, write_weight, check_finite):
+                  write_mask, write_weight, check_finite, skip_self_check=False):
     grads, acts, lambdas, steps = check_importance_inputs(
         weight, grad_norms, act_norms, aggregation, step_weights, check_finite
     )
     check_sparsity(sparsity)
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
-    if not use_triton(weight):
+    kernels = use_triton(weight) and (skip_self_check or not weight.is_cuda
+                                      or _trusted(weight.device))
+    if not kernels:
         score = naive.importance(weight, grads, acts, aggregation, lambdas)
         keep = naive.row_mask(score, sparsity) if group == "row" else naive.layer_mask(score, sparsity)
         if write_weight:

@@ -5,7 +5,8 @@
 # from the working tree; writes logs and JSON under $OUT (default benchmarks/results) and prints
 # short tables. Order and time limits (all: about 9.5 minutes at most), most important first:
 #   driver   the driver's CUDA paths against the CPU (tests/driver/test_gpu.py)      1.5 min
-#   sweep    benchmarks.gpu_sweep, the full COPAL step on 7B/65B/70B shapes            5 min
+#   sweep    benchmarks.gpu_sweep, the full COPAL step on 7B/65B/70B shapes, device      5 min
+#            memory capped at 40 GB (the 65B target)
 #            (rewrites its JSON after every record, so a cut run keeps what it did)
 #   kernels  benchmarks.gpu_kernels, then the kernel tests compiled for the GPU        3 min
 #            (pytest-xdist, on the image: Triton compiles in 8 processes)
@@ -28,7 +29,7 @@ if wants driver; then
         2>&1 | clean | tee "$OUT/pytest_driver.txt" | tail -n 30 || status=1
 fi
 if wants sweep; then
-    timeout "${SWEEP_TIMEOUT:-300}" python3 -m benchmarks.gpu_sweep --out "$OUT" ${SWEEP_ARGS:-} \
+    timeout "${SWEEP_TIMEOUT:-300}" python3 -m benchmarks.gpu_sweep --out "$OUT" ${SWEEP_ARGS:---device-memory-cap-gb 40} \
         2>&1 | clean | tee "$OUT/gpu_sweep.txt" || status=1
 fi
 if wants kernels; then

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import copal_kernels as ck
-from copal_kernels import naive
+from copal_kernels import naive, unstructured
 
 from .helpers import DEVICE, DTYPES, dtype_id, make_norms, make_weight
 from .test_nm import IMPORTANCE_VARIANTS, variant_id
@@ -94,3 +94,11 @@ def test_unstructured_deterministic():
     for group in ("row", "layer"):
         masks = [ck.unstructured_mask(weight, sparsity=0.5, group=group) for _ in range(3)]
         assert all(torch.equal(masks[0], mask) for mask in masks[1:])
+
+
+def test_self_check_passes_and_catches_a_wrong_mask(monkeypatch):
+    # on a GPU this is the check that the compiled kernels are trusted (else: reference path)
+    assert unstructured.self_check(DEVICE)
+    row_mask = naive.row_mask
+    monkeypatch.setattr(naive, "row_mask", lambda score, sparsity: ~row_mask(score, sparsity))
+    assert not unstructured.self_check(DEVICE)
