@@ -127,7 +127,8 @@ def main():
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--num-test", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=lambda t: t if t == "auto" else int(t), default="auto",
+                        help="the driver's windows per forward chunk (auto: 1 on a CPU)")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -152,7 +153,8 @@ def main():
               "copal_seconds": fast_seconds, "loop_seconds": loop_seconds,
               "speedup": loop_seconds / fast_seconds, "mask_entries_differing": differing,
               "mask_entries": total, "max_relative_ppl_gap": ppl_gap,
-              "P_copal": fast_matrix, "P_loop": loop_matrix, "threads": torch.get_num_threads()}
+              "P_copal": fast_matrix, "P_loop": loop_matrix, "threads": torch.get_num_threads(),
+              "batch_size": args.batch_size}
     path = append_results("cpu_wanda_protocol.jsonl", [record])
     print(f"results appended to {path}")
     print_table([{"path": "copal", "seconds": f"{fast_seconds:.0f}", "final P": fast_matrix[-1]},
