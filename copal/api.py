@@ -12,7 +12,7 @@ from .checkpoint import ShardWriter
 from .data import make_dataset
 from .evaluate import perplexities
 from .continual import copal_method
-from .methods import LayerHistory, Pattern, make_method
+from .methods import DEFAULT_AGGREGATION, LayerHistory, Pattern, make_method
 from .model import LayeredModel, resolve_dtype
 from .state import load_state, save_state
 from .sweep import prune_sweep
@@ -45,7 +45,8 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, r
 def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", pattern: str = "50%",
                      num_calibration: int = 32, seq_len: int = 512, seed: int = 0, device="cpu",
                      batch_size="auto", dtype="auto", gradient: str = "lm",
-                     aggregation: str = "sum", normalisation: str = "mean", group: str = "row",
+                     aggregation: str = DEFAULT_AGGREGATION, normalisation: str = "mean",
+                     group: str = "row",
                      state_out=None, overwrite: bool = False, log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration
     windows and write the pruned checkpoint to ``out_dir``. For ``method="copal"`` this is step

@@ -15,7 +15,7 @@ import torch
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
-from .methods import METHODS, NORMALISATIONS, LayerHistory, Pattern, make_method
+from .methods import DEFAULT_AGGREGATION, METHODS, NORMALISATIONS, LayerHistory, Pattern, make_method
 from .model import LayeredModel
 from .sweep import prune_sweep
 
@@ -29,7 +29,7 @@ class RunSpec:
     method: str
     protocol: str
     pattern: str = "50%"
-    aggregation: str = "sum"  # COPAL: sum or max over steps
+    aggregation: str = DEFAULT_AGGREGATION  # COPAL: max or sum over steps
     gradient: str = "lm"  # COPAL: "lm" (gradient pass) or "none" (g = 1)
     step_weights: Optional[List[float]] = None  # COPAL: lambda_t
     normalisation: str = "mean"  # COPAL: vectors divided by their mean, or "none" (raw norms)
@@ -82,7 +82,8 @@ class DenseWeights:
         return self.blocks[index]
 
 
-def copal_method(lm, history, windows, *, gradient="lm", aggregation="sum", step_weights=None,
+def copal_method(lm, history, windows, *, gradient="lm", aggregation=DEFAULT_AGGREGATION,
+                 step_weights=None,
                  normalisation="mean", group="row", device="cpu", batch_size="auto",
                  block_states=None, desc="gradients"):
     """COPAL for one step: this step's gradient pass over the dense model (unless

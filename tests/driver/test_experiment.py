@@ -19,11 +19,11 @@ def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path
     out = tmp_path / "run"
     assert main(["experiment", "--config", str(config_path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "P matrix, copal[sum,grad]-continual 2:4" in printed and "BWT mean" in printed
+    assert "P matrix, copal[max,grad]-continual 2:4" in printed and "BWT mean" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert [run["label"] for run in results["runs"]] == [
-        "copal[sum,grad]-continual 2:4", "wanda-restart 2:4"]
+        "copal[max,grad]-continual 2:4", "wanda-restart 2:4"]
     for run in results["runs"]:
         assert len(run["P"]) == 2 and len(run["heldout"]["ppl"]) == 2
     history, meta = load_state(out / results["runs"][0]["state_file"])
