@@ -60,12 +60,14 @@ def section(directory: Path) -> str:
              "Dense model:", dense_table(results), "Continual runs:", bwt_table(results)]
     for run in results["runs"]:
         parts += [f"P[t][i], {run['label']}:", p_matrix_table(run)]
-    plot = directory / "bwt.png"
-    if plot.is_file():
-        target = DOCS / "results" / f"{directory.name}-bwt.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(plot, target)
-        parts.append(f"![BWT]({target.relative_to(DOCS)})")
+    for name, title in (("bwt", "BWT"), ("bwt_vs_sparsity", "BWT against sparsity (Figure 1)"),
+                        ("bwt_vs_samples", "BWT against calibration samples (Figure 3)")):
+        plot = directory / f"{name}.png"
+        if plot.is_file():
+            target = DOCS / "results" / f"{directory.name}-{name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(plot, target)
+            parts.append(f"![{title}]({target.relative_to(DOCS)})")
     return "\n\n".join(parts)
 
 
