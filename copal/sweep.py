@@ -78,16 +78,14 @@ def resolve_batch_size(batch_size, lm: LayeredModel, seq_len: int, device) -> in
     return int(max(1, min(8, free // 8 // per_window)))
 
 
-def release_pinned_cache() -> bool:
+def release_pinned_cache() -> None:
     """Give the pinned host blocks that PyTorch caches after use back to the OS (they stay
-    resident otherwise, and the next phase's buffers come on top). False where this torch has
-    no way to do it."""
+    resident otherwise, and the next phase's buffers come on top). Does nothing where this
+    torch has no way to do it."""
     empty = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
              or getattr(torch._C, "_host_emptyCache", None))
-    if empty is None or not torch.cuda.is_available():
-        return False
-    empty()
-    return True
+    if empty is not None and torch.cuda.is_available():
+        empty()
 
 
 def park(hidden: torch.Tensor, offload: bool) -> torch.Tensor:

@@ -274,8 +274,7 @@ def _trusted(device: torch.device) -> bool:
     on a mismatch, a warning and the torch reference from then on (same masks, slower)."""
     key = str(device)
     if key not in _TRUSTED:
-        _TRUSTED[key] = True  # the check itself runs the kernels
-        _TRUSTED[key] = self_check(device)
+        _TRUSTED[key] = self_check(device)  # runs the kernels with skip_self_check
         if not _TRUSTED[key]:
             warnings.warn(f"copal_kernels: the unstructured kernels compiled for {device} "
                           f"({torch.cuda.get_device_name(device)}, triton {triton.__version__}) "
