@@ -1,6 +1,7 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
-    .venv/bin/python scripts/results_doc.py runs/results-50 runs/results-2of4 runs/results-4of8
+    .venv/bin/python scripts/results_doc.py runs/results-50 runs/results-2of4 runs/results-4of8 \
+        runs/ablations runs/sweep-sparsity
 """
 
 import json
@@ -14,9 +15,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 INTRO = """# Results
 
-Every number here comes from `scripts/run_results.sh` (`copal experiment` on the configs in
-`configs/`), on the machine and versions given with each table; this page is composed by
-`python scripts/results_doc.py runs/results-* runs/ablations`. Model: SmolLM2-135M-Instruct (the real offline
+Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
+(`scripts/run_results.sh` runs the results-* ones), on the machine and versions given with each
+table; this page is composed by `python scripts/results_doc.py runs/results-* runs/ablations
+runs/sweep-sparsity`. Model: SmolLM2-135M-Instruct (the real offline
 checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
 every Linear of the decoder blocks prunable. **Windows: 16 calibration and 16 test windows of 256
 tokens per dataset** (the main job's), not the standard protocol's 32 x 512, which did not fit the
