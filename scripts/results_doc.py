@@ -24,7 +24,9 @@ every Linear of the decoder blocks prunable. **Windows: 16 calibration and 16 te
 tokens per dataset** (the main job's), not the standard protocol's 32 x 512, which did not fit the
 2-core CPU's time in the session that ran these; `configs/standard.toml` runs the full protocol.
 Wall times were taken while other work shared the two cores; the main job alone took 9 min 39 s
-(`copal experiment --config configs/main.toml`, two runs, dense evaluation included).
+(`copal experiment --config configs/main.toml`, two runs, dense evaluation included) when COPAL's
+default was still `sum`; with `max` it has not been timed alone, but its two runs took 384 s and
+234 s in runs/sweep-sparsity (50%, the same windows).
 
 COPAL's first step gives Wanda's mask up to rounding: normalising the vectors can turn two scores
 within an ulp into a tie (METHOD.md). At 50% no such flip occurred and step 1 is identical; at 2:4
