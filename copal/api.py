@@ -20,7 +20,7 @@ from .sweep import prune_sweep
 
 def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, run_sweep):
     """Run ``run_sweep(on_block_done)`` writing each finished block as a shard of ``out_dir``."""
-    writer = ShardWriter(out_dir, lm.num_blocks + 1, overwrite=overwrite)
+    writer = ShardWriter(out_dir, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
     try:
         def write_block(index, block):
             prefix = lm.block_names[index]
@@ -46,17 +46,19 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
                      num_calibration: int = 32, seq_len: int = 512, seed: int = 0, device="cpu",
                      batch_size="auto", dtype="auto", gradient: str = "lm",
                      aggregation: str = DEFAULT_AGGREGATION, normalisation: str = "mean",
-                     group: str = "row",
+                     group: str = "row", offload_activations: bool = False,
                      state_out=None, overwrite: bool = False, log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration
     windows and write the pruned checkpoint to ``out_dir``. For ``method="copal"`` this is step
-    1 and the state is written to ``state_out`` (default ``out_dir``/copal-state.safetensors)."""
+    1 and the state is written to ``state_out`` (default ``out_dir``/copal-state.safetensors).
+    ``offload_activations`` keeps the calibration activations in pinned host memory between
+    blocks (on a GPU; the device then holds one block and one chunk)."""
     model_dir = resolve_model(model, progress=log)
     parsed = Pattern.parse(pattern)
+    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = make_dataset(data, tokenizer, num_calibration=num_calibration, num_test=0,
                            seq_len=seq_len, seed=seed)
-    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     history: Dict[str, LayerHistory] = {}
     if method == "copal":
         pruner = copal_method(lm, history, dataset.calibration, gradient=gradient,
@@ -68,13 +70,13 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
         f"({len(dataset.calibration)} windows of {seq_len} tokens)")
     out = _write_pruned(lm, model_dir, out_dir, overwrite, lambda done: prune_sweep(
         lm, dataset.calibration, pruner, parsed, device=device, batch_size=batch_size,
-        on_block_done=done))
+        offload_activations=offload_activations, on_block_done=done))
     if method == "copal":
         state_path = Path(state_out) if state_out else out / "copal-state.safetensors"
         save_state(state_path, history, {
             "model": str(Path(model_dir).resolve()), "datasets": [data], "pattern": str(parsed),
             "gradient": gradient, "aggregation": aggregation, "normalisation": normalisation,
-            "group": group, "num_calibration": num_calibration,
+            "group": group, "step_weights": None, "num_calibration": num_calibration,
             "seq_len": seq_len, "seed": seed})
         log(f"COPAL state {state_path}")
     log(f"pruned checkpoint {out}")
@@ -82,27 +84,31 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
 
 
 def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_size="auto",
-                        dtype="auto", state_out=None, overwrite: bool = False,
-                        log=print) -> Path:
+                        dtype="auto", offload_activations: bool = False, state_out=None,
+                        overwrite: bool = False, log=print) -> Path:
     """Add dataset ``data`` to a COPAL run from its saved state alone (no past data): masks are
     recomputed from the dense model named in the state with the importance of every step."""
     history, meta = load_state(state)
+    if meta["step_weights"]:
+        raise ValueError(f"{state}: made with fixed step weights lambda={meta['step_weights']} "
+                         "for its steps; continuing it would need one more, which copal "
+                         "continue does not take")
     model_dir = Path(meta["model"])
     if not model_dir.is_dir():
         raise FileNotFoundError(f"the state's dense model {model_dir} is gone")
+    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = make_dataset(data, tokenizer, num_calibration=meta["num_calibration"], num_test=0,
                            seq_len=meta["seq_len"], seed=meta["seed"])
-    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     pruner = copal_method(lm, history, dataset.calibration, gradient=meta["gradient"],
                           aggregation=meta["aggregation"],
-                          normalisation=meta.get("normalisation", "mean"),
-                          group=meta.get("group", "row"), device=device, batch_size=batch_size)
+                          normalisation=meta["normalisation"], group=meta["group"],
+                          device=device, batch_size=batch_size)
     pattern = Pattern.parse(meta["pattern"])
     log(f"COPAL step {len(meta['datasets']) + 1} on {data} after {', '.join(meta['datasets'])}")
     out = _write_pruned(lm, model_dir, out_dir, overwrite, lambda done: prune_sweep(
         lm, dataset.calibration, pruner, pattern, device=device, batch_size=batch_size,
-        on_block_done=done))
+        offload_activations=offload_activations, on_block_done=done))
     meta["datasets"] = meta["datasets"] + [data]
     state_path = Path(state_out) if state_out else out / "copal-state.safetensors"
     save_state(state_path, history, meta)
@@ -112,6 +118,7 @@ def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_s
 
 def evaluate_checkpoint(model: str, sources: List[str], *, num_test: int = 32, seq_len: int = 512,
                         device="cpu", batch_size="auto", dtype="auto",
+                        offload_activations: bool = False,
                         tokenizer_from: Optional[str] = None) -> Dict[str, float]:
     """Perplexity of a checkpoint on each source's test windows, streamed block by block."""
     model_dir = resolve_model(model)
@@ -119,4 +126,5 @@ def evaluate_checkpoint(model: str, sources: List[str], *, num_test: int = 32, s
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     tests = {s: make_dataset(s, tokenizer, num_calibration=0, num_test=num_test,
                              seq_len=seq_len).test for s in sources}
-    return perplexities(lm, tests, device=device, batch_size=batch_size)
+    return perplexities(lm, tests, device=device, batch_size=batch_size,
+                        offload_activations=offload_activations)

@@ -96,8 +96,18 @@ class ShardWriter:
     decoder block plus one for everything else), and an index maps every tensor to its shard.
     """
 
-    def __init__(self, directory, num_shards: int, *, overwrite: bool = False):
+    def __init__(self, directory, num_shards: int, *, overwrite: bool = False, protect=()):
+        """``protect``: input directories that the output may neither be, lie inside, nor
+        contain (``overwrite`` would otherwise delete them)."""
         self.directory = Path(directory)
+        target = self.directory.resolve()
+        for kept in map(Path, protect):
+            source = kept.resolve()
+            if target == source or source in target.parents or target in source.parents:
+                raise CheckpointError(
+                    f"output {self.directory} would overwrite or sit inside the input {kept}; "
+                    "choose an output directory outside it"
+                )
         if self.directory.exists() and any(self.directory.iterdir()) and not overwrite:
             raise CheckpointError(
                 f"{self.directory} already exists and is not empty; choose another output "

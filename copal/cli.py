@@ -22,6 +22,10 @@ def _common(parser, calibration=True):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--batch-size", type=_batch_size, default="auto",
                         help="windows per forward chunk, or auto (1 on a CPU, from free memory on a GPU)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (auto: bf16 on a GPU, fp32 on a CPU)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="keep activations in pinned host memory between blocks (GPU)")
     if calibration:
         parser.add_argument("--num-calibration", type=int, default=32)
         parser.add_argument("--seq-len", type=int, default=512)
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
             prune_checkpoint(args.model, args.data, args.out, method=args.method,
                              pattern=args.pattern, num_calibration=args.num_calibration,
                              seq_len=args.seq_len, seed=args.seed, device=args.device,
-                             batch_size=args.batch_size, gradient=args.gradient,
+                             batch_size=args.batch_size, dtype=args.dtype,
+                             offload_activations=args.offload_activations, gradient=args.gradient,
                              aggregation=args.aggregation, normalisation=args.normalisation,
                              group=args.group, state_out=args.state_out,
                              overwrite=args.overwrite)
@@ -111,14 +116,16 @@ def main(argv=None) -> int:
             from .api import continue_checkpoint
 
             continue_checkpoint(args.state, args.data, args.out, device=args.device,
-                                batch_size=args.batch_size, state_out=args.state_out,
-                                overwrite=args.overwrite)
+                                batch_size=args.batch_size, dtype=args.dtype,
+                                offload_activations=args.offload_activations,
+                                state_out=args.state_out, overwrite=args.overwrite)
         elif args.command == "evaluate":
             from .api import evaluate_checkpoint
 
             result = evaluate_checkpoint(args.model, args.data, num_test=args.num_test,
                                          seq_len=args.seq_len, device=args.device,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, dtype=args.dtype,
+                                         offload_activations=args.offload_activations)
             print(json.dumps(result, indent=1))
         elif args.command == "report":
             from .report import print_summary, write_report

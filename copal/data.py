@@ -82,7 +82,15 @@ class HuggingFaceSource:
             import datasets
         except ImportError as error:
             raise DataError("this corpus needs Hugging Face datasets: pip install datasets") from error
-        rows = datasets.load_dataset(**{**self.arguments, **overrides})
+        arguments = {**self.arguments, **overrides}
+        try:
+            rows = datasets.load_dataset(**arguments)
+        except Exception as error:  # datasets raises many types: offline, missing, gated, ...
+            raise DataError(
+                f"could not load {arguments['path']!r} ({arguments['name'] or 'default'}, "
+                f"{arguments['split']}) with Hugging Face datasets: {error}. It needs the "
+                "network (or its local cache); offline, use wiki, kjv, jargon or a text file"
+            ) from error
         return self.separator.join(row[self.field] for row in rows)
 
     __call__ = load
@@ -93,8 +101,10 @@ SOURCES: Dict[str, Callable[[], str]] = {
     "kjv": _kjv,
     "jargon": _jargon,
     # the paper's sets, for users with a network (the loaders of Wanda/SparseGPT join them so)
-    "wikitext2": HuggingFaceSource("wikitext", "wikitext-2-raw-v1", "train", "text", "\n\n"),
-    "ptb": HuggingFaceSource("ptb_text_only", "penn_treebank", "train", "sentence", " "),
+    "wikitext2": HuggingFaceSource("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text",
+                                   "\n\n"),
+    "ptb": HuggingFaceSource("ptb-text-only/ptb_text_only", "penn_treebank", "train", "sentence",
+                             " "),
     "c4": HuggingFaceSource("allenai/c4", None, "validation", "text", " ",
                             data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
 }

@@ -133,7 +133,12 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
         if history:
             state_name = "state-" + "".join(c if c.isalnum() else "_" for c in spec.label) + ".safetensors"
             save_state(out_dir / state_name, history, {
-                "model": str(model_dir), "datasets": run["datasets"], "spec": run["spec"]})
+                "model": str(Path(model_dir).resolve()), "datasets": run["datasets"],
+                "pattern": spec.pattern, "gradient": spec.gradient,
+                "aggregation": spec.aggregation, "normalisation": spec.normalisation,
+                "group": spec.group, "step_weights": spec.step_weights,
+                "num_calibration": spec.num_calibration or config.num_calibration,
+                "seq_len": config.seq_len, "seed": config.seed})
             run["state_file"] = state_name
         run["peak_rss_mb"] = peak_host_mb()
         results["runs"].append(run)

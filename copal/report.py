@@ -91,13 +91,13 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    def line_plot(filename, key_of, xlabel, title):
+    def line_plot(filename, key_of, series_of, xlabel, title):
+        """One line per ``series_of(run)`` (the label without the x variable), x = key_of(run)."""
         series = defaultdict(list)
         for run in runs:
             x = key_of(run)
             if x is not None:
-                spec = run["spec"]
-                series[f"{spec['method']}-{spec['protocol']}"].append((x, run))
+                series[series_of(run)].append((x, run))
         if not any(len({x for x, _ in pts}) > 1 for pts in series.values()):
             return
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -120,9 +120,18 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
         pattern = Pattern.parse(run["spec"]["pattern"])
         return pattern.sparsity if pattern.kind == "unstructured" else None
 
-    line_plot("bwt_vs_sparsity.png", sparsity_of, "sparsity", "BWT against sparsity (Figure 1)")
-    line_plot("bwt_vs_samples.png",
-              lambda r: r["spec"]["num_calibration"] or r.get("calibration_windows"),
+    def method_of(run):  # the label's "method[options]-protocol"
+        return run["label"].split(" ")[0]
+
+    def samples_of(run):
+        return run["spec"].get("num_calibration") or results["config"].get("num_calibration")
+
+    line_plot("bwt_vs_sparsity.png", sparsity_of,
+              lambda r: method_of(r) + (f" n={r['spec']['num_calibration']}"
+                                        if r["spec"].get("num_calibration") else ""),
+              "sparsity", "BWT against sparsity (Figure 1)")
+    line_plot("bwt_vs_samples.png", samples_of,
+              lambda r: f"{method_of(r)} {r['spec']['pattern']}",
               "calibration samples", "BWT against calibration samples (Figure 3)")
     return paths
 

@@ -8,18 +8,25 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .methods import LayerHistory
 
 FORMAT = "copal-state/1"
+# what `copal continue` needs to redo a step the same way: the dense model, the datasets so far,
+# the pattern, COPAL's options and the calibration windows' definition
+METADATA_KEYS = ("model", "datasets", "pattern", "gradient", "aggregation", "normalisation",
+                 "group", "step_weights", "num_calibration", "seq_len", "seed")
 
 
 def save_state(path, history: Dict[str, LayerHistory], metadata: dict) -> Path:
     """Write atomically: ``<layer>.grads`` [T, out] and ``<layer>.acts`` [T, in] fp32, and
-    ``metadata`` (datasets, pattern, options, dense model) as JSON in the header."""
+    ``metadata`` (every key of :data:`METADATA_KEYS`) as JSON in the header."""
     path = Path(path)
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"COPAL state metadata lacks {', '.join(missing)}")
     tensors = {}
     for key, layer in history.items():
         tensors[f"{key}.grads"] = torch.stack(layer.grads).contiguous()
@@ -32,10 +39,18 @@ def save_state(path, history: Dict[str, LayerHistory], metadata: dict) -> Path:
 
 
 def load_state(path):
-    """(history, metadata) from :func:`save_state`'s file."""
+    """(history, metadata) from :func:`save_state`'s file; a file that is not one, or lacks
+    metadata, raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such COPAL state file")
+    try:
+        return _read_state(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable COPAL state file ({error})") from error
+
+
+def _read_state(path: Path):
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
         if header.get("format") != FORMAT:
@@ -49,4 +64,9 @@ def load_state(path):
                 layer.grads = rows
             else:
                 layer.acts = rows
-    return history, json.loads(header["metadata"])
+    metadata = json.loads(header["metadata"])
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: the state's metadata lacks {', '.join(missing)}; it cannot be "
+                         "continued (written by an older copal?)")
+    return history, metadata

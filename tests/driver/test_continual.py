@@ -91,15 +91,21 @@ def test_copal_first_step_gives_wandas_mask_without_gradients():
 def test_state_round_trip(tmp_path):
     history = {"0.mlp.up_proj": LayerHistory([torch.rand(8), torch.rand(8)],
                                              [torch.rand(4), torch.rand(4)])}
-    path = save_state(tmp_path / "state.safetensors", history, {"datasets": ["a", "b"]})
+    metadata = {"model": "/models/dense", "datasets": ["a", "b"], "pattern": "2:4",
+                "gradient": "lm", "aggregation": "max", "normalisation": "mean", "group": "row",
+                "step_weights": None, "num_calibration": 32, "seq_len": 512, "seed": 0}
+    path = save_state(tmp_path / "state.safetensors", history, metadata)
     loaded, meta = load_state(path)
-    assert meta == {"datasets": ["a", "b"]}
+    assert meta == metadata
     for got, want in zip(loaded["0.mlp.up_proj"].grads + loaded["0.mlp.up_proj"].acts,
                          history["0.mlp.up_proj"].grads + history["0.mlp.up_proj"].acts):
         assert torch.equal(got, want)
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a readable COPAL state file"):
         load_state(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="lacks seq_len"):
+        save_state(tmp_path / "partial.safetensors", history,
+                   {k: v for k, v in metadata.items() if k != "seq_len"})
 
 
 def test_run_spec_validation():

@@ -42,3 +42,23 @@ def test_hugging_face_loaders_on_local_files(tmp_path, source, field, separator)
     path.write_text("\n".join(json.dumps(row) for row in rows))
     text = SOURCES[source].load(path="json", name=None, data_files=str(path), split="train")
     assert text == separator.join(row[field] for row in rows)
+
+
+def test_hugging_face_loaders_pass_their_arguments_and_explain_failure(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def unreachable(**arguments):
+        calls.append(arguments)
+        raise ConnectionError("the Hub cannot be reached")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    for source, repo in [("wikitext2", "Salesforce/wikitext"), ("ptb", "ptb-text-only/ptb_text_only"),
+                         ("c4", "allenai/c4")]:
+        with pytest.raises(DataError, match=f"could not load '{repo}'.*needs the network"):
+            load_text(source)
+    assert [(c["path"], c["name"], c["split"]) for c in calls] == [
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+        ("ptb-text-only/ptb_text_only", "penn_treebank", "train"),
+        ("allenai/c4", None, "validation")]
+    assert calls[2]["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}

@@ -2,14 +2,21 @@
 and a rerun that resumes instead of starting over."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from copal.cli import main
+from copal.report import make_plots
 from copal.state import load_state
+
+from .tiny import write_corpus
 
 
 def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path, capsys):
+    heldout = write_corpus(tmp_path / "heldout.txt", seed=2)
     config = {
-        "model": str(checkpoint), "sources": [str(corpus), str(corpus_b)], "heldout": str(corpus),
+        "model": str(checkpoint), "sources": [str(corpus), str(corpus_b)], "heldout": str(heldout),
         "num_calibration": 2, "num_test": 2, "seq_len": 32, "batch_size": 2,
         "runs": [{"method": "copal", "protocol": "continual", "pattern": "2:4"},
                  {"method": "wanda", "protocol": "restart", "pattern": "2:4"}],
@@ -28,6 +35,13 @@ def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path
         assert len(run["P"]) == 2 and len(run["heldout"]["ppl"]) == 2
     history, meta = load_state(out / results["runs"][0]["state_file"])
     assert meta["datasets"] == [str(corpus), str(corpus_b)]
+    assert meta["pattern"] == "2:4" and meta["aggregation"] == "max" and meta["seq_len"] == 32
+    # the experiment's state is continued by another process's verb, with no past data
+    assert main(["continue", "--state", str(out / results["runs"][0]["state_file"]),
+                 "--data", str(heldout), "--out", str(tmp_path / "step3")]) == 0
+    history, meta = load_state(tmp_path / "step3" / "copal-state.safetensors")
+    assert meta["datasets"] == [str(corpus), str(corpus_b), str(heldout)]
+    assert all(len(layer.acts) == 3 for layer in history.values())
     report = (out / "report.md").read_text()
     assert "## Backward transfer" in report and "![bwt](bwt.png)" in report
     assert (out / "bwt.png").stat().st_size > 0
@@ -42,3 +56,40 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["prune", "--model", str(tmp_path / "missing"), "--data", "wiki",
                  "--out", str(tmp_path / "out")]) == 2
     assert "not a local directory" in capsys.readouterr().err
+
+
+def _run(method, protocol, pattern, bwt_mean, num_calibration=None, **options):
+    spec = {"method": method, "protocol": protocol, "pattern": pattern,
+            "num_calibration": num_calibration, **options}
+    label = f"{method}{'[max,grad]' if method == 'copal' else ''}-{protocol} {pattern}"
+    label += f" n={num_calibration}" if num_calibration else ""
+    return {"spec": spec, "label": label, "bwt_mean": bwt_mean, "bwt_max": 2 * bwt_mean}
+
+
+def _lines(figure):
+    """{label: x values} of the figure's first axes, without matplotlib's unlabelled lines."""
+    return {line.get_label(): [float(x) for x in line.get_xdata()]
+            for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")}
+
+
+def test_figures_1_and_3_are_drawn_one_line_per_variant(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    runs = [_run("copal", "continual", p, b) for p, b in (("30%", 0.1), ("50%", 1.0), ("2:4", 5.0))]
+    runs += [_run("wanda", "restart", p, b) for p, b in (("30%", 0.5), ("50%", 6.0))]
+    runs += [_run("wanda", "restart", "50%", b, n) for n, b in ((1, 9.0), (4, 7.0))]
+    figures, savefig = {}, Figure.savefig
+
+    def keep(figure, path, **kwargs):
+        figures[Path(path).name] = figure
+        savefig(figure, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    paths = make_plots({"config": {"num_calibration": 16}, "runs": runs}, tmp_path)
+    assert [p.name for p in paths] == ["bwt.png", "bwt_vs_sparsity.png", "bwt_vs_samples.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert _lines(figures["bwt_vs_sparsity.png"]) == {
+        "copal[max,grad]-continual": [0.3, 0.5], "wanda-restart": [0.3, 0.5],
+        "wanda-restart n=1": [0.5], "wanda-restart n=4": [0.5]}
+    assert _lines(figures["bwt_vs_samples.png"])["wanda-restart 50%"] == [1, 4, 16]

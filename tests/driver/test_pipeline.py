@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from copal.api import continue_checkpoint, evaluate_checkpoint, prune_checkpoint
 from copal.checkpoint import CheckpointError
+from copal.cli import main
 from copal.data import DataError
+from copal.model import LayeredModel, UnsupportedModelError
 from copal.state import load_state
 
 from .tiny import tiny_checkpoint
@@ -31,6 +33,27 @@ def _digest(directory):
 def _linears(model):
     return {name: module.weight for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and ".layers." in name}
+
+
+@pytest.mark.parametrize("arch,pattern", [("mistral", "4:8"), ("qwen2", "4:8"), ("qwen2", "50%")])
+def test_other_architectures_write_loadable_checkpoints(tmp_path, corpus, arch, pattern):
+    source = tiny_checkpoint(tmp_path / arch, arch)
+    before = _digest(source)
+    out = prune_checkpoint(str(source), str(corpus), tmp_path / "out", method="copal",
+                           pattern=pattern, log=lambda *_: None, **WINDOWS)
+    assert _digest(source) == before
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(model).__name__.lower().startswith(arch)
+    for name, weight in _linears(model).items():
+        zero = weight == 0
+        if pattern == "4:8":
+            assert bool((zero.reshape(weight.shape[0], -1, 8).sum(-1) == 4).all()), name
+        else:
+            assert bool((zero.sum(1) == weight.shape[1] // 2).all()), name
+    if arch == "qwen2":  # q/k/v biases are written, and never pruned
+        dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        assert torch.equal(model.model.layers[0].self_attn.q_proj.bias,
+                           dense.model.layers[0].self_attn.q_proj.bias)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "copal"])
@@ -92,7 +115,11 @@ def test_pattern_that_does_not_divide_the_layer(tmp_path, corpus):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="does not divide layer"):
         prune_checkpoint(str(odd), str(corpus), out, pattern="4:8", log=lambda *_: None, **WINDOWS)
-    assert not out.exists() and not list(tmp_path.glob(".out.*")), "nothing half-written"
+    assert _nothing_written(out)
+
+
+def _nothing_written(out):
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
 def test_empty_and_missing_datasets(checkpoint, tmp_path):
@@ -100,6 +127,7 @@ def test_empty_and_missing_datasets(checkpoint, tmp_path):
     empty.write_text("  \n")
     with pytest.raises(DataError, match="is empty"):
         prune_checkpoint(str(checkpoint), str(empty), tmp_path / "o", log=lambda *_: None, **WINDOWS)
+    assert _nothing_written(tmp_path / "o")
     short = tmp_path / "short.txt"
     short.write_text("the king said unto the lord.")
     with pytest.raises(DataError, match="training tokens"):
@@ -107,3 +135,50 @@ def test_empty_and_missing_datasets(checkpoint, tmp_path):
     with pytest.raises(DataError, match="unknown source"):
         prune_checkpoint(str(checkpoint), str(tmp_path / "nope.txt"), tmp_path / "o",
                          log=lambda *_: None, **WINDOWS)
+
+
+def test_output_that_is_or_holds_the_input_is_refused(checkpoint, corpus, tmp_path):
+    before = _digest(checkpoint)
+    for out in (checkpoint, checkpoint / "pruned", checkpoint.parent):
+        with pytest.raises(CheckpointError, match="would overwrite or sit inside the input"):
+            prune_checkpoint(str(checkpoint), str(corpus), out, overwrite=True,
+                             log=lambda *_: None, **WINDOWS)
+    assert _digest(checkpoint) == before
+
+
+def test_unsupported_architecture_leaves_nothing(tmp_path, corpus):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        prune_checkpoint(str(gpt2), str(corpus), tmp_path / "out", log=lambda *_: None, **WINDOWS)
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_failure_mid_sweep_leaves_nothing(checkpoint, corpus, tmp_path, monkeypatch):
+    """A shard that turns out unreadable at block 1, after block 0's shard was written."""
+    load_block = LayeredModel.load_block
+
+    def failing(self, index, *args, **kwargs):
+        if index == 1:
+            raise CheckpointError("unreadable shard model-00002 (simulated)")
+        return load_block(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(LayeredModel, "load_block", failing)
+    with pytest.raises(CheckpointError, match="simulated"):
+        prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "out", log=lambda *_: None,
+                         **WINDOWS)
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_corrupt_or_foreign_state_is_refused(checkpoint, tmp_path, capsys):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a safetensors file" * 4)
+    assert main(["continue", "--state", str(garbage), "--data", "wiki",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "not a readable COPAL state file" in capsys.readouterr().err
+    shard = sorted(checkpoint.glob("model-*.safetensors"))[0]
+    with pytest.raises(ValueError, match="not a COPAL state file"):
+        load_state(shard)
+    assert _nothing_written(tmp_path / "out")
