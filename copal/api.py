@@ -1,17 +1,19 @@
 """The user's verbs as Python functions: prune a checkpoint, continue a COPAL-pruned model with a
-new dataset, evaluate. Checkpoints are streamed block by block: read lazily from the input's
-shards, written shard by shard into a staging directory that replaces the output at the end."""
+new dataset, evaluate; and :class:`ContinualPruner` for a model already in memory. Checkpoints
+are streamed block by block: read lazily from the input's shards, written shard by shard into a
+staging directory that replaces the output at the end."""
 
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from .assets import resolve_model
 from .checkpoint import ShardWriter
 from .data import make_dataset
 from .evaluate import perplexities
-from .continual import copal_method
+from .continual import DenseWeights, RunSpec, copal_method, prune_step
 from .methods import DEFAULT_AGGREGATION, LayerHistory, Pattern, make_method
 from .model import LayeredModel, resolve_dtype
 from .state import load_state, save_state
@@ -128,3 +130,56 @@ def evaluate_checkpoint(model: str, sources: List[str], *, num_test: int = 32, s
                              seq_len=seq_len).test for s in sources}
     return perplexities(lm, tests, device=device, batch_size=batch_size,
                         offload_activations=offload_activations)
+
+
+class ContinualPruner:
+    """Continual pruning of an in-memory model, one dataset at a time (library use)::
+
+        pruner = ContinualPruner(model, method="copal", pattern="2:4")
+        pruner.step(windows_a)          # int64 [n, seq_len] token ids; prunes ``model`` in place
+        pruner.step(windows_b)
+        pruner.save_state("state.safetensors", datasets=["a", "b"])
+
+    ``model``: a LLaMA-family ``PreTrainedModel`` (LLaMA, Mistral, Qwen2), on the host. A host
+    copy of its dense weights is kept for every protocol but cascade (restart, joint and COPAL
+    start each step from W0); joint also keeps every step's windows. COPAL keeps only its state.
+    """
+
+    def __init__(self, model, *, method: str = "copal", protocol: Optional[str] = None,
+                 pattern: str = "50%", device="cpu", batch_size="auto",
+                 offload_activations: bool = False, **copal_options):
+        protocol = protocol or ("continual" if method == "copal" else "restart")
+        self.spec = RunSpec(method, protocol, pattern, **copal_options)
+        self.pattern = Pattern.parse(pattern)
+        self.lm = LayeredModel.from_model(model)
+        self.dense = None if protocol == "cascade" else DenseWeights.snapshot(self.lm)
+        self.history: Dict[str, LayerHistory] = {}
+        self.joint_windows: List[torch.Tensor] = []  # joint only: every step's windows
+        self.steps = 0
+        self.window_shape = None
+        self.options = dict(device=device, batch_size=batch_size, offload=offload_activations)
+
+    def step(self, windows: torch.Tensor, desc: Optional[str] = None) -> None:
+        """Prune the model in place for one more dataset; ``windows``: int64 [n, seq_len]."""
+        if windows.dim() != 2 or windows.shape[0] == 0 or windows.dtype != torch.long:
+            raise ValueError(f"windows must be int64 [n >= 1, seq_len], got {windows.dtype} "
+                             f"{list(windows.shape)}")
+        self.steps += 1
+        self.window_shape = tuple(windows.shape)
+        if self.spec.protocol == "joint":
+            self.joint_windows.append(windows)
+            windows = torch.cat(self.joint_windows)
+        prune_step(self.lm, self.dense, self.history, windows, self.pattern, self.spec,
+                   desc=desc or f"{self.spec.label} step {self.steps}", **self.options)
+
+    def save_state(self, path, *, datasets: List[str], seed: Optional[int] = None) -> Path:
+        """COPAL's state after the steps so far (``datasets``: their names, in order)."""
+        if self.spec.method != "copal" or not self.history:
+            raise ValueError("only a COPAL pruner with at least one step has a state")
+        return save_state(path, self.history, {
+            "model": str(getattr(self.lm.model.config, "_name_or_path", "")), "datasets": datasets,
+            "pattern": str(self.pattern), "gradient": self.spec.gradient,
+            "aggregation": self.spec.aggregation, "normalisation": self.spec.normalisation,
+            "group": self.spec.group, "step_weights": self.spec.step_weights,
+            "num_calibration": self.window_shape[0], "seq_len": self.window_shape[1],
+            "seed": seed})

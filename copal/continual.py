@@ -96,15 +96,22 @@ def copal_method(lm, history, windows, *, gradient="lm", aggregation=DEFAULT_AGG
                        step_weights=step_weights, normalisation=normalisation, group=group)
 
 
-def copal_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc):
-    """One COPAL step: gradient pass on W0 (unless gradient='none'), then the sweep from W0."""
-    method = copal_method(lm, history, windows, gradient=spec.gradient,
-                          aggregation=spec.aggregation, step_weights=spec.step_weights,
-                          normalisation=spec.normalisation, group=spec.group, device=device,
-                          batch_size=batch_size, block_states=dense,
-                          desc=f"{desc} gradients")
+def prune_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc):
+    """One step of ``spec``'s protocol with ``windows`` (for joint: every dataset's so far).
+    COPAL: gradient pass on W0 (unless gradient='none'), then the sweep from W0 with the
+    importance of every step (``history`` grows by one); restart and joint sweep from W0;
+    cascade from the weights ``lm`` holds."""
+    if spec.method == "copal":
+        method = copal_method(lm, history, windows, gradient=spec.gradient,
+                              aggregation=spec.aggregation, step_weights=spec.step_weights,
+                              normalisation=spec.normalisation, group=spec.group, device=device,
+                              batch_size=batch_size, block_states=dense,
+                              desc=f"{desc} gradients")
+    else:
+        method = make_method(spec.method)
+    start_from = None if spec.protocol == "cascade" else dense
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
-                block_states=dense, offload_activations=offload, desc=f"{desc} prune")
+                block_states=start_from, offload_activations=offload, desc=f"{desc} prune")
 
 
 def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset], spec: RunSpec, *,
@@ -127,14 +134,8 @@ def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset]
         if spec.protocol == "joint":
             windows = torch.cat([d.calibration[: spec.num_calibration] if spec.num_calibration
                                  else d.calibration for d in datasets[: step + 1]])
-        if spec.method == "copal":
-            copal_step(lm, dense, history, windows, pattern, spec, device=device,
-                       batch_size=batch_size, offload=offload_activations, desc=desc)
-        else:
-            start_from = None if spec.protocol == "cascade" else dense
-            prune_sweep(lm, windows, make_method(spec.method), pattern, device=device,
-                        batch_size=batch_size, block_states=start_from,
-                        offload_activations=offload_activations, desc=f"{desc} prune")
+        prune_step(lm, dense, history, windows, pattern, spec, device=device,
+                   batch_size=batch_size, offload=offload_activations, desc=desc)
         ppl = perplexities(lm, test_sets, device=device, batch_size=batch_size,
                            offload_activations=offload_activations, desc=f"{desc} evaluate")
         step_seconds.append(time.perf_counter() - started)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from copal.api import ContinualPruner
 from copal.continual import DenseWeights, RunSpec, run_continual
 from copal.data import Dataset
 from copal.evaluate import bwt, perplexities
@@ -115,3 +116,31 @@ def test_run_spec_validation():
         RunSpec("obs", "restart")
     with pytest.raises(ValueError, match="pattern"):
         RunSpec("wanda", "restart", "5:4")
+
+
+@pytest.mark.parametrize("method,protocol,pattern", [
+    ("copal", "continual", "2:4"), ("wanda", "joint", "50%"), ("wanda", "cascade", "50%")],
+    ids=["copal-2of4", "wanda-joint", "wanda-cascade"])
+def test_continual_pruner_on_a_model_in_memory_equals_run_continual(tmp_path, method, protocol,
+                                                                    pattern):
+    datasets = _datasets(tiny_model().config.vocab_size, 2)
+    spec = RunSpec(method, protocol, pattern)
+    lm = LayeredModel.from_model(tiny_model())
+    run = run_continual(lm, DenseWeights.snapshot(lm), datasets, spec, log=lambda *_: None)
+    model = tiny_model()
+    pruner = ContinualPruner(model, method=method, protocol=protocol, pattern=pattern)
+    for dataset in datasets:
+        pruner.step(dataset.calibration)
+    for got, want in zip(model.model.layers.parameters(), lm.model.model.layers.parameters()):
+        assert torch.equal(got, want)
+    if method == "copal":
+        path = pruner.save_state(tmp_path / "state.safetensors", datasets=["a", "b"])
+        history, meta = load_state(path)
+        assert meta["datasets"] == ["a", "b"] and meta["seq_len"] == datasets[0].calibration.shape[1]
+        for key, layer in run["history"].items():
+            assert all(torch.equal(a, b) for a, b in zip(layer.acts, history[key].acts))
+    else:
+        with pytest.raises(ValueError, match="only a COPAL pruner"):
+            pruner.save_state(tmp_path / "state.safetensors", datasets=["a", "b"])
+    with pytest.raises(ValueError, match="int64"):
+        pruner.step(datasets[0].calibration.float())
