@@ -13,7 +13,7 @@ from .assets import resolve_model
 from .checkpoint import ShardWriter
 from .data import make_dataset
 from .evaluate import perplexities
-from .continual import DenseWeights, RunSpec, copal_method, prune_step
+from .continual import DenseWeights, RunSpec, copal_method, prune_step, state_metadata
 from .methods import DEFAULT_AGGREGATION, LayerHistory, Pattern, make_method
 from .model import LayeredModel, resolve_dtype
 from .state import load_state, save_state
@@ -75,11 +75,11 @@ def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", p
         offload_activations=offload_activations, on_block_done=done))
     if method == "copal":
         state_path = Path(state_out) if state_out else out / "copal-state.safetensors"
-        save_state(state_path, history, {
-            "model": str(Path(model_dir).resolve()), "datasets": [data], "pattern": str(parsed),
-            "gradient": gradient, "aggregation": aggregation, "normalisation": normalisation,
-            "group": group, "step_weights": None, "num_calibration": num_calibration,
-            "seq_len": seq_len, "seed": seed})
+        spec = RunSpec("copal", "continual", str(parsed), aggregation=aggregation,
+                       gradient=gradient, normalisation=normalisation, group=group)
+        save_state(state_path, history, state_metadata(
+            Path(model_dir).resolve(), [data], spec, num_calibration=num_calibration,
+            seq_len=seq_len, seed=seed))
         log(f"COPAL state {state_path}")
     log(f"pruned checkpoint {out}")
     return out
@@ -176,10 +176,6 @@ class ContinualPruner:
         """COPAL's state after the steps so far (``datasets``: their names, in order)."""
         if self.spec.method != "copal" or not self.history:
             raise ValueError("only a COPAL pruner with at least one step has a state")
-        return save_state(path, self.history, {
-            "model": str(getattr(self.lm.model.config, "_name_or_path", "")), "datasets": datasets,
-            "pattern": str(self.pattern), "gradient": self.spec.gradient,
-            "aggregation": self.spec.aggregation, "normalisation": self.spec.normalisation,
-            "group": self.spec.group, "step_weights": self.spec.step_weights,
-            "num_calibration": self.window_shape[0], "seq_len": self.window_shape[1],
-            "seed": seed})
+        return save_state(path, self.history, state_metadata(
+            getattr(self.lm.model.config, "_name_or_path", ""), datasets, self.spec,
+            num_calibration=self.window_shape[0], seq_len=self.window_shape[1], seed=seed))

@@ -64,6 +64,17 @@ class RunSpec:
         return f"{self.method}{extra}-{self.protocol} {self.pattern}{samples}"
 
 
+def state_metadata(model, datasets: List[str], spec: RunSpec, *, num_calibration: int,
+                   seq_len: int, seed) -> dict:
+    """What a COPAL state file records (``copal.state.METADATA_KEYS``): enough for ``copal
+    continue`` to redo a step the same way with a new dataset."""
+    return {"model": str(model), "datasets": list(datasets),
+            "pattern": str(Pattern.parse(spec.pattern)), "gradient": spec.gradient,
+            "aggregation": spec.aggregation, "normalisation": spec.normalisation,
+            "group": spec.group, "step_weights": spec.step_weights,
+            "num_calibration": num_calibration, "seq_len": seq_len, "seed": seed}
+
+
 @dataclass
 class DenseWeights:
     """W0 of every block, kept on the host, so that restart/joint/COPAL start from it."""

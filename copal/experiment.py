@@ -13,7 +13,7 @@ from typing import List, Optional
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .assets import SMOLLM2_NAME, resolve_model
-from .continual import DenseWeights, RunSpec, run_continual
+from .continual import DenseWeights, RunSpec, run_continual, state_metadata
 from .data import make_dataset
 from .evaluate import perplexities
 from .model import LayeredModel, resolve_dtype
@@ -132,13 +132,10 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
         history = run.pop("history")
         if history:
             state_name = "state-" + "".join(c if c.isalnum() else "_" for c in spec.label) + ".safetensors"
-            save_state(out_dir / state_name, history, {
-                "model": str(Path(model_dir).resolve()), "datasets": run["datasets"],
-                "pattern": spec.pattern, "gradient": spec.gradient,
-                "aggregation": spec.aggregation, "normalisation": spec.normalisation,
-                "group": spec.group, "step_weights": spec.step_weights,
-                "num_calibration": spec.num_calibration or config.num_calibration,
-                "seq_len": config.seq_len, "seed": config.seed})
+            save_state(out_dir / state_name, history, state_metadata(
+                Path(model_dir).resolve(), run["datasets"], spec,
+                num_calibration=spec.num_calibration or config.num_calibration,
+                seq_len=config.seq_len, seed=config.seed))
             run["state_file"] = state_name
         run["peak_rss_mb"] = peak_host_mb()
         results["runs"].append(run)
