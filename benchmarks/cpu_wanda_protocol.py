@@ -8,6 +8,12 @@
   masked with a stable ``torch.sort`` per row (a loop over groups for N:M), perplexity one test
   window at a time through the full model.
 
+Beside them it measures a compute floor: the matmuls and attention that any path must run
+(each block's statistics forward up to its last Linear, its propagation forward, and the
+perplexity of every seen dataset after every step, through the blocks and the LM head), each
+shape timed alone on this machine with one window of tokens, summed. ``--floor-only`` prints
+just that.
+
 Both paths must give the same masks bit for bit at every step (checked here; the loop's
 statistic sums each window's squares the way Wanda's ``scaler_row`` does, in window order) and
 the same perplexities. Prints the times, the ratio and the check; appends the record to
@@ -23,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from copal.assets import resolve_model
 from copal.continual import DenseWeights
@@ -35,9 +41,9 @@ from copal.sweep import prune_sweep
 from copal_kernels import naive
 
 try:
-    from .common import append_results, print_table
+    from .common import append_results, median_seconds, print_table
 except ImportError:  # run as a script
-    from common import append_results, print_table
+    from common import append_results, median_seconds, print_table
 
 
 def _masks(blocks):
@@ -119,6 +125,41 @@ def run_loop(model_dir, datasets, pattern):
     return masks, matrix
 
 
+def _seconds(fn) -> float:
+    return median_seconds(fn, repeats=5, warmup=2)
+
+
+def compute_floor(config, num_sources: int, num_calibration: int, num_test: int,
+                  seq_len: int) -> dict:
+    """Seconds of the arithmetic Wanda-restart under the protocol cannot skip, from fp32
+    matmuls and causal attention of the model's shapes timed alone (one window each)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = config.num_key_value_heads * head_dim
+    tokens = torch.randn(seq_len, hidden)
+
+    def linear(in_features, out_features):
+        x = tokens if in_features == hidden else torch.randn(seq_len, in_features)
+        weight = torch.randn(out_features, in_features)
+        return _seconds(lambda: F.linear(x, weight))
+
+    attention_inputs = [torch.randn(1, heads, seq_len, head_dim) for _ in range(3)]
+    attention = _seconds(lambda: F.scaled_dot_product_attention(*attention_inputs, is_causal=True))
+    down = linear(inter, hidden)
+    up_to_down = (linear(hidden, heads * head_dim) * 2 + linear(hidden, kv) * 2
+                  + linear(hidden, inter) * 2 + attention)
+    block = up_to_down + down
+    head = linear(hidden, config.vocab_size)
+    blocks = config.num_hidden_layers
+    sweep = num_sources * num_calibration * blocks * (up_to_down + block)
+    evaluations = num_sources * (num_sources + 1) // 2  # every seen dataset after every step
+    evaluate = evaluations * num_test * (blocks * block + head)
+    return {"floor_seconds": sweep + evaluate, "sweep_floor_seconds": sweep,
+            "evaluate_floor_seconds": evaluate,
+            "block_forward_ms": block * 1e3, "lm_head_ms": head * 1e3}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -129,8 +170,22 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=lambda t: t if t == "auto" else int(t), default="auto",
                         help="the driver's windows per forward chunk (auto: 1 on a CPU)")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="measure and print the compute floor only (seconds)")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
+    floor = compute_floor(AutoConfig.from_pretrained(model_dir), len(args.sources),
+                          args.num_calibration, args.num_test, args.seq_len)
+    print(f"compute floor {floor['floor_seconds']:.0f} s (sweep {floor['sweep_floor_seconds']:.0f} s, "
+          f"evaluation {floor['evaluate_floor_seconds']:.0f} s; one block forward "
+          f"{floor['block_forward_ms']:.0f} ms, LM head {floor['lm_head_ms']:.0f} ms a window)")
+    if args.floor_only:
+        append_results("cpu_wanda_protocol.jsonl", [{
+            "benchmark": "wanda-restart standard protocol: compute floor only",
+            "windows": f"{args.num_calibration}x{args.seq_len} calibration, "
+                       f"{args.num_test}x{args.seq_len} test", "sources": args.sources,
+            "threads": torch.get_num_threads(), **floor}])
+        return
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     datasets = [make_dataset(s, tokenizer, num_calibration=args.num_calibration,
                              num_test=args.num_test, seq_len=args.seq_len) for s in args.sources]
@@ -154,7 +209,9 @@ def main():
               "speedup": loop_seconds / fast_seconds, "mask_entries_differing": differing,
               "mask_entries": total, "max_relative_ppl_gap": ppl_gap,
               "P_copal": fast_matrix, "P_loop": loop_matrix, "threads": torch.get_num_threads(),
-              "batch_size": args.batch_size}
+              "batch_size": args.batch_size, **floor,
+              "copal_over_floor": fast_seconds / floor["floor_seconds"],
+              "loop_over_floor": loop_seconds / floor["floor_seconds"]}
     path = append_results("cpu_wanda_protocol.jsonl", [record])
     print(f"results appended to {path}")
     print_table([{"path": "copal", "seconds": f"{fast_seconds:.0f}", "final P": fast_matrix[-1]},
@@ -162,6 +219,9 @@ def main():
                 ["path", "seconds", "final P"])
     print(f"speedup {loop_seconds / fast_seconds:.2f}x; masks differing: {differing} of {total}; "
           f"largest relative perplexity gap {ppl_gap:.2e}")
+    print(f"against the compute floor ({floor['floor_seconds']:.0f} s): driver "
+          f"{fast_seconds / floor['floor_seconds']:.2f}x, loop {loop_seconds / floor['floor_seconds']:.2f}x; "
+          f"a 2x speedup needs the driver at {loop_seconds / 2 / floor['floor_seconds']:.2f}x")
 
 
 if __name__ == "__main__":
