@@ -91,7 +91,7 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    def line_plot(filename, key_of, series_of, xlabel, title):
+    def line_plot(filename, key_of, series_of, xlabel, title, log_x=False):
         """One line per ``series_of(run)`` (the label without the x variable), x = key_of(run)."""
         series = defaultdict(list)
         for run in runs:
@@ -106,6 +106,8 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
             for axis, metric in zip(axes, ("bwt_mean", "bwt_max")):
                 axis.plot([p[0] for p in points], [p[1][metric] for p in points], marker="o", label=name)
         for axis, metric in zip(axes, ("mean BWT", "worst BWT")):
+            if log_x:
+                axis.set_xscale("log", base=2)
             axis.set_xlabel(xlabel)
             axis.set_ylabel(metric)
             axis.axhline(0, color="black", linewidth=0.5)
@@ -132,7 +134,7 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
               "sparsity", "BWT against sparsity (Figure 1)")
     line_plot("bwt_vs_samples.png", samples_of,
               lambda r: f"{method_of(r)} {r['spec']['pattern']}",
-              "calibration samples", "BWT against calibration samples (Figure 3)")
+              "calibration samples", "BWT against calibration samples (Figure 3)", log_x=True)
     return paths
 
 

@@ -1,7 +1,7 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
     .venv/bin/python scripts/results_doc.py runs/results-50 runs/results-2of4 runs/results-4of8 \
-        runs/ablations runs/sweep-sparsity
+        runs/ablations runs/sweep-sparsity runs/sweep-samples
 """
 
 import json
@@ -18,15 +18,17 @@ INTRO = """# Results
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
 (`scripts/run_results.sh` runs the results-* ones), on the machine and versions given with each
 table; this page is composed by `python scripts/results_doc.py runs/results-* runs/ablations
-runs/sweep-sparsity`. Model: SmolLM2-135M-Instruct (the real offline
+runs/sweep-sparsity runs/sweep-samples`. Model: SmolLM2-135M-Instruct (the real offline
 checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
 every Linear of the decoder blocks prunable. **Windows: 16 calibration and 16 test windows of 256
 tokens per dataset** (the main job's), not the standard protocol's 32 x 512, which did not fit the
 2-core CPU's time in the session that ran these; `configs/standard.toml` runs the full protocol.
-Wall times were taken while other work shared the two cores; the main job alone took 9 min 39 s
-(`copal experiment --config configs/main.toml`, two runs, dense evaluation included) when COPAL's
-default was still `sum`; with `max` it has not been timed alone, but its two runs took 384 s and
-234 s in runs/sweep-sparsity (50%, the same windows).
+Wall times were taken while other work shared the two cores. The main job alone, with COPAL's
+default `max`, took 11 min 47 s on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment
+--config configs/main.toml --out /tmp/main-timing`, installed already, nothing else running:
+COPAL 410 s, Wanda-restart 232 s, the rest loading and the dense evaluation; peak RSS 2.05 GB);
+with `sum` it had taken 9 min 39 s on 2026-11-28. The host's speed drifts by about 15% between
+runs (docs/performance.md).
 
 COPAL's first step gives Wanda's mask up to rounding: normalising the vectors can turn two scores
 within an ulp into a tie (METHOD.md). At 50% no such flip occurred and step 1 is identical; at 2:4
