@@ -1,7 +1,7 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
-    .venv/bin/python scripts/results_doc.py runs/results-50 runs/results-2of4 runs/results-4of8 \
-        runs/ablations runs/sweep-sparsity runs/sweep-samples
+    .venv/bin/python scripts/results_doc.py runs/standard runs/results-50 runs/results-2of4 \
+        runs/results-4of8 runs/ablations runs/sweep-sparsity runs/sweep-samples
 """
 
 import json
@@ -17,12 +17,15 @@ INTRO = """# Results
 
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
 (`scripts/run_results.sh` runs the results-* ones), on the machine and versions given with each
-table; this page is composed by `python scripts/results_doc.py runs/results-* runs/ablations
-runs/sweep-sparsity runs/sweep-samples`. Model: SmolLM2-135M-Instruct (the real offline
+table; this page is composed by `python scripts/results_doc.py runs/standard runs/results-*
+runs/ablations runs/sweep-sparsity runs/sweep-samples`. Model: SmolLM2-135M-Instruct (the real offline
 checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
-every Linear of the decoder blocks prunable. **Windows: 16 calibration and 16 test windows of 256
-tokens per dataset** (the main job's), not the standard protocol's 32 x 512, which did not fit the
-2-core CPU's time in the session that ran these; `configs/standard.toml` runs the full protocol.
+every Linear of the decoder blocks prunable. **Windows: the first section (runs/standard) is
+PROTOCOL.md's standard protocol, 32 calibration and 32 test windows of 512 tokens per dataset, of
+which only the runs named there have finished (15-35 minutes a run on two cores;
+`copal experiment --config configs/standard.toml --out runs/standard` resumes the rest); every
+other section uses 16 calibration and 16 test windows of 256 tokens per dataset** (the main
+job's), to fit the 2-core CPU's time.
 Wall times were taken while other work shared the two cores. The main job alone, with COPAL's
 default `max`, took 11 min 47 s on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment
 --config configs/main.toml --out /tmp/main-timing`, installed already, nothing else running:
@@ -49,6 +52,8 @@ in the last bits of the statistics, which can flip near-tied weights (METHOD.md)
 from different directories with that in mind (about 1% at 2:4, see above). Wall times were
 taken while other jobs shared the two cores; magnitude-cascade 4:8's includes a 30-minute pause.
 
+The P matrices are full: P[t][i] for i > t is the perplexity on a dataset not yet calibrated on
+(the never-seen-dataset measure; a separate held-out source can be added with `heldout`).
 Perplexity is exp of the mean next-token NLL over the test windows; BWT is in perplexity points
 (above 0: forgetting); read it beside the diagonal P[t][t] (adaptation to each new dataset) and the
 final mean perplexity: cascade baselines whose mask cannot change score BWT 0 by stasis.
