@@ -147,8 +147,9 @@ def compute_floor(config, num_sources: int, num_calibration: int, num_test: int,
     attention_inputs = [torch.randn(1, heads, seq_len, head_dim) for _ in range(3)]
     attention = _seconds(lambda: F.scaled_dot_product_attention(*attention_inputs, is_causal=True))
     down = linear(inter, hidden)
-    up_to_down = (linear(hidden, heads * head_dim) * 2 + linear(hidden, kv) * 2
-                  + linear(hidden, inter) * 2 + attention)
+    up_to_down = (linear(hidden, heads * head_dim) + linear(hidden, kv) * 2  # q; k, v
+                  + linear(heads * head_dim, hidden)  # o
+                  + linear(hidden, inter) * 2 + attention)  # gate, up
     block = up_to_down + down
     head = linear(hidden, config.vocab_size)
     blocks = config.num_hidden_layers

@@ -20,11 +20,15 @@ METADATA_KEYS = ("model", "datasets", "pattern", "gradient", "aggregation", "nor
                  "group", "step_weights", "num_calibration", "seq_len", "seed")
 
 
+def _missing_keys(metadata: dict) -> list:
+    return [key for key in METADATA_KEYS if key not in metadata]
+
+
 def save_state(path, history: Dict[str, LayerHistory], metadata: dict) -> Path:
     """Write atomically: ``<layer>.grads`` [T, out] and ``<layer>.acts`` [T, in] fp32, and
     ``metadata`` (every key of :data:`METADATA_KEYS`) as JSON in the header."""
     path = Path(path)
-    missing = [key for key in METADATA_KEYS if key not in metadata]
+    missing = _missing_keys(metadata)
     if missing:
         raise ValueError(f"COPAL state metadata lacks {', '.join(missing)}")
     tensors = {}
@@ -65,7 +69,7 @@ def _read_state(path: Path):
             else:
                 layer.acts = rows
     metadata = json.loads(header["metadata"])
-    missing = [key for key in METADATA_KEYS if key not in metadata]
+    missing = _missing_keys(metadata)
     if missing:
         raise ValueError(f"{path}: the state's metadata lacks {', '.join(missing)}; it cannot be "
                          "continued (written by an older copal?)")
