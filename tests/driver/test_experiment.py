@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from copal.cli import main
+from copal.experiment import ExperimentConfig
 from copal.report import make_plots
 from copal.state import load_state
 
@@ -93,3 +94,15 @@ def test_figures_1_and_3_are_drawn_one_line_per_variant(tmp_path, monkeypatch):
         "copal[max,grad]-continual": [0.3, 0.5], "wanda-restart": [0.3, 0.5],
         "wanda-restart n=1": [0.5], "wanda-restart n=4": [0.5]}
     assert _lines(figures["bwt_vs_samples.png"])["wanda-restart 50%"] == [1, 4, 16]
+
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load_with_distinct_runs(path):
+    """A typo in a shipped config would otherwise surface only after hours of earlier runs, and
+    two runs with one label would make the second look finished (resume skips by label)."""
+    config = ExperimentConfig.load(path)
+    labels = [run.label for run in config.runs]
+    assert len(set(labels)) == len(labels)
