@@ -4,9 +4,10 @@
         runs/results-4of8 runs/ablations runs/sweep-sparsity runs/sweep-samples
 """
 
+import argparse
 import json
+import os
 import shutil
-import sys
 from pathlib import Path
 
 from copal.report import bwt_table, dense_table, p_matrix_table
@@ -86,14 +87,23 @@ ANALYSIS_MARK = "<!-- analysis: written by hand, kept by scripts/results_doc.py 
 
 
 def main(directories):
-    body = [INTRO] + [section(Path(d)) for d in directories if (Path(d) / "results.json").is_file()]
+    body = [INTRO] + [section(directory) for directory in directories]
     target = DOCS / "results.md"
     old = target.read_text() if target.is_file() else ""
     if ANALYSIS_MARK in old:  # the hand-written analysis at the end survives a regeneration
         body.append(old[old.index(ANALYSIS_MARK):].rstrip())
-    target.write_text("\n\n".join(body) + "\n")
+    staging = target.with_suffix(".md.tmp")
+    staging.write_text("\n\n".join(body) + "\n")
+    os.replace(staging, target)
     print(target)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directories", nargs="+", type=Path,
+                        help="results directories of `copal experiment`, in the page's order")
+    args = parser.parse_args()
+    missing = [str(d) for d in args.directories if not (d / "results.json").is_file()]
+    if missing:
+        parser.error(f"no results.json in {', '.join(missing)}")
+    main(args.directories)
