@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .assets import SMOLLM2_NAME, resolve_model
@@ -17,6 +18,7 @@ from .continual import DenseWeights, RunSpec, run_continual, state_metadata
 from .data import make_dataset
 from .evaluate import perplexities
 from .model import LayeredModel, resolve_dtype
+from .phases import HostPeak
 from .report import print_summary, write_report
 from .state import save_state
 from copal_kernels.machine import environment
@@ -126,9 +128,17 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
             log(f"{spec.label}: done before, skipped")
             continue
         log(f"{spec.label}:")
-        run = run_continual(lm, dense, datasets, spec, heldout=heldout, device=config.device,
-                            batch_size=config.batch_size,
-                            offload_activations=config.offload_activations, log=log)
+        on_gpu = torch.device(config.device).type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(config.device)
+        with HostPeak(interval=0.05) as host:
+            run = run_continual(lm, dense, datasets, spec, heldout=heldout,
+                                device=config.device, batch_size=config.batch_size,
+                                offload_activations=config.offload_activations, log=log)
+        # this run's own peaks (the process's resident memory includes the model held for all runs)
+        run["peak_host_mb"] = host.peak / 2**20
+        if on_gpu:
+            run["peak_device_mb"] = torch.cuda.max_memory_allocated(config.device) / 2**20
         history = run.pop("history")
         if history:
             state_name = "state-" + "".join(c if c.isalnum() else "_" for c in spec.label) + ".safetensors"
@@ -137,7 +147,6 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
                 num_calibration=spec.num_calibration or config.num_calibration,
                 seq_len=config.seq_len, seed=config.seed))
             run["state_file"] = state_name
-        run["peak_rss_mb"] = peak_host_mb()
         results["runs"].append(run)
         results["peak_rss_mb"] = peak_host_mb()
         _write_json(results_path, results)

@@ -30,11 +30,21 @@ def p_matrix_table(run: dict) -> str:
     return markdown_table(header, rows)
 
 
+def _megabytes(run: dict, key: str) -> str:
+    return f"{run[key]:.0f}" if key in run else "-"  # runs recorded before per-run peaks: "-"
+
+
 def bwt_table(results: dict) -> str:
-    header = ["run", "BWT mean", "BWT max", "final mean ppl", "diagonal P[t][t]", "time (s)"]
-    rows = [[run["label"], _fmt(run["bwt_mean"]), _fmt(run["bwt_max"]), _fmt(run["final_mean"]),
-             " / ".join(_fmt(v) for v in run["diagonal"]), f"{run['seconds']:.0f}"]
-            for run in results["runs"]]
+    header = ["run", "BWT mean", "BWT max", "final mean ppl", "diagonal P[t][t]", "time (s)",
+              "peak host (MB)"]
+    on_device = any("peak_device_mb" in run for run in results["runs"])
+    header += ["peak device (MB)"] if on_device else []
+    rows = []
+    for run in results["runs"]:
+        rows.append([run["label"], _fmt(run["bwt_mean"]), _fmt(run["bwt_max"]),
+                     _fmt(run["final_mean"]), " / ".join(_fmt(v) for v in run["diagonal"]),
+                     f"{run['seconds']:.0f}", _megabytes(run, "peak_host_mb")]
+                    + ([_megabytes(run, "peak_device_mb")] if on_device else []))
     return markdown_table(header, rows)
 
 
