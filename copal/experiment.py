@@ -95,6 +95,7 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
         if all(previous.get("config", {}).get(key) == config_dict[key] for key in RESULT_KEYS):
             results["runs"] = previous["runs"]
             results["dense"] = previous.get("dense")
+            results["peak_rss_mb"] = previous.get("peak_rss_mb", 0.0)
             log(f"resuming: {len(results['runs'])} finished run(s) in {results_path}")
     done = {run["label"] for run in results["runs"]}
 
@@ -148,11 +149,11 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
                 seq_len=config.seq_len, seed=config.seed))
             run["state_file"] = state_name
         results["runs"].append(run)
-        results["peak_rss_mb"] = peak_host_mb()
+        results["peak_rss_mb"] = max(results.get("peak_rss_mb", 0.0), peak_host_mb())
         _write_json(results_path, results)
 
     results["environment"] = environment()
-    results["peak_rss_mb"] = peak_host_mb()
+    results["peak_rss_mb"] = max(results.get("peak_rss_mb", 0.0), peak_host_mb())
     _write_json(results_path, results)
     report = write_report(results, out_dir)
     print_summary(results, log)

@@ -17,17 +17,20 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 INTRO = """# Results
 
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
-(`scripts/run_results.sh` runs the results-* ones), on the machine and versions given with each
-table; this page is composed by `python scripts/results_doc.py runs/standard runs/results-*
-runs/ablations runs/sweep-sparsity runs/sweep-samples`. Model: SmolLM2-135M-Instruct (the real offline
+(`scripts/run_results.sh` runs them all, each resumable), on the machine and versions given with
+each table; this page is composed by `python scripts/results_doc.py runs/standard runs/results-*
+runs/ablations runs/sweep-*`. Model: SmolLM2-135M-Instruct (the real offline
 checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
 every Linear of the decoder blocks prunable. **Windows: the first section (runs/standard) is
-PROTOCOL.md's standard protocol, 32 calibration and 32 test windows of 512 tokens per dataset, of
-which only the runs named there have finished (15-35 minutes a run on two cores;
-`copal experiment --config configs/standard.toml --out runs/standard` resumes the rest); every
-other section uses 16 calibration and 16 test windows of 256 tokens per dataset** (the main
-job's), to fit the 2-core CPU's time.
-Wall times were taken while other work shared the two cores. The main job alone, with COPAL's
+PROTOCOL.md's standard protocol, 32 calibration and 32 test windows of 512 tokens per dataset,
+every method x protocol at 50% (8-23 minutes a run on two cores; at 2:4 and 4:8 these windows
+have not run yet: configs/standard-2of4.toml and standard-4of8.toml); every other section uses
+16 calibration and 16 test windows of 256 tokens per dataset** (the main job's), to fit the
+2-core CPU's time. The standard runs had the two cores to themselves (but for under a minute of
+tests during Wanda-cascade's first step). Peak host memory per run: a number is that run's own
+peak resident memory (sampled while it ran, the model held for all runs included); `<= N` marks
+runs recorded before that sampling existed, N being the process's peak up to the end of the run.
+The other sections' wall times were taken while other work shared the two cores. The main job alone, with COPAL's
 default `max`, took 11 min 47 s on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment
 --config configs/main.toml --out /tmp/main-timing`, installed already, nothing else running:
 COPAL 410 s, Wanda-restart 232 s, the rest loading and the dense evaluation; peak RSS 2.05 GB);

@@ -8,7 +8,7 @@ import pytest
 
 from copal.cli import main
 from copal.experiment import ExperimentConfig
-from copal.report import make_plots
+from copal.report import bwt_table, make_plots
 from copal.state import load_state
 
 from .tiny import write_corpus
@@ -109,3 +109,14 @@ def test_shipped_configs_load_with_distinct_runs(path):
     config = ExperimentConfig.load(path)
     labels = [run.label for run in config.runs]
     assert len(set(labels)) == len(labels)
+
+
+def test_bwt_table_peak_memory_columns():
+    run = {"label": "wanda-restart 50%", "bwt_mean": 1.0, "bwt_max": 2.0, "final_mean": 30.0,
+           "diagonal": [10.0, 20.0], "seconds": 12.0}
+    table = bwt_table({"runs": [dict(run, peak_host_mb=1500.4), dict(run, peak_rss_mb=3068.9),
+                                dict(run)]})
+    rows = [line.split(" | ")[-1] for line in table.splitlines()[2:]]
+    assert rows == ["1500 |", "<= 3069 |", "- |"] and "peak device" not in table
+    with_device = bwt_table({"runs": [dict(run, peak_host_mb=1.0, peak_device_mb=2048.0)]})
+    assert with_device.splitlines()[-1].endswith("| 1 | 2048 |")
