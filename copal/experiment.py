@@ -4,8 +4,6 @@ the same output directory skips finished runs), write the report and plots."""
 
 import json
 import os
-import resource
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +16,7 @@ from .continual import DenseWeights, RunSpec, run_continual, state_metadata
 from .data import make_dataset
 from .evaluate import perplexities
 from .model import LayeredModel, resolve_dtype
-from .phases import HostPeak
+from .phases import HostPeak, peak_resident_bytes
 from .report import print_summary, write_report
 from .state import save_state
 from copal_kernels.machine import environment
@@ -76,12 +74,6 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def peak_host_mb() -> float:
-    """Peak resident memory of this process so far, MB (Linux reports KB)."""
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     """Run every run of ``config``; results in ``out_dir``/results.json, report.md, plots, and
     one COPAL state file per COPAL run. Returns the results."""
@@ -89,7 +81,7 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
     config_dict = asdict(config)
-    results = {"config": config_dict, "environment": environment(), "runs": []}
+    results = {"config": config_dict, "environment": environment(), "runs": [], "peak_rss_mb": 0.0}
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
         if all(previous.get("config", {}).get(key) == config_dict[key] for key in RESULT_KEYS):
@@ -149,11 +141,11 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
                 seq_len=config.seq_len, seed=config.seed))
             run["state_file"] = state_name
         results["runs"].append(run)
-        results["peak_rss_mb"] = max(results.get("peak_rss_mb", 0.0), peak_host_mb())
+        results["peak_rss_mb"] = max(results["peak_rss_mb"], peak_resident_bytes() / 2**20)
         _write_json(results_path, results)
 
     results["environment"] = environment()
-    results["peak_rss_mb"] = max(results.get("peak_rss_mb", 0.0), peak_host_mb())
+    results["peak_rss_mb"] = max(results["peak_rss_mb"], peak_resident_bytes() / 2**20)
     _write_json(results_path, results)
     report = write_report(results, out_dir)
     print_summary(results, log)

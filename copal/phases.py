@@ -3,6 +3,7 @@ memory, for the benchmarks and the memory tests. The sweeps take an optional tim
 they time nothing and never wait."""
 
 import contextlib
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -67,9 +68,15 @@ def resident_bytes() -> int:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
     except FileNotFoundError:
-        import resource
+        return peak_resident_bytes()
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory so far (ru_maxrss: bytes on macOS, KB elsewhere)."""
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 def _sync() -> None:
