@@ -6,11 +6,16 @@ data); ``continual`` is COPAL's own update (masks from W0 and the importance car
 state, no past data).
 """
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .data import Dataset
 from .evaluate import bwt, perplexities
@@ -93,6 +98,42 @@ class DenseWeights:
         return self.blocks[index]
 
 
+class ScratchBlocks:
+    """The current (pruned) weights of a lazy model's blocks between steps, one safetensors file
+    per block in a fresh folder ``SCRATCH_PREFIX*`` under ``parent`` (deleted by :meth:`close`):
+    a model streamed from its checkpoint keeps no block in memory, so cascade and evaluation
+    read the pruned blocks back from here.
+
+    ``scratch(i)`` gives block i's last saved weights, or None before it was first saved (the
+    checkpoint's own dense weights); :meth:`save` is a sweep's ``on_block_done``.
+    """
+
+    SCRATCH_PREFIX = ".copal-scratch-"
+
+    def __init__(self, parent):
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix=self.SCRATCH_PREFIX, dir=parent))
+        self.saved = set()
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"block-{index:05d}.safetensors"
+
+    def save(self, index: int, block: torch.nn.Module) -> None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        path = self._path(index)
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path)  # a new file: a reader of the old one is never disturbed
+        self.saved.add(index)
+
+    def __call__(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
+        return load_file(str(self._path(index))) if index in self.saved else None
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.saved.clear()
+
+
 def copal_method(lm, history, windows, *, gradient="lm", aggregation=DEFAULT_AGGREGATION,
                  step_weights=None,
                  normalisation="mean", group="row", device="cpu", batch_size="auto",
@@ -107,11 +148,14 @@ def copal_method(lm, history, windows, *, gradient="lm", aggregation=DEFAULT_AGG
                        step_weights=step_weights, normalisation=normalisation, group=group)
 
 
-def prune_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc):
+def prune_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc,
+               current: Optional[ScratchBlocks] = None):
     """One step of ``spec``'s protocol with ``windows`` (for joint: every dataset's so far).
     COPAL: gradient pass on W0 (unless gradient='none'), then the sweep from W0 with the
     importance of every step (``history`` grows by one); restart and joint sweep from W0;
-    cascade from the weights ``lm`` holds."""
+    cascade from the current weights. W0 is ``dense`` (None: a lazy model's checkpoint); the
+    current weights are those ``lm`` holds, or for a lazy model ``current``, which also receives
+    the pruned blocks."""
     if spec.method == "copal":
         method = copal_method(lm, history, windows, gradient=spec.gradient,
                               aggregation=spec.aggregation, step_weights=spec.step_weights,
@@ -120,23 +164,46 @@ def prune_step(lm, dense, history, windows, pattern, spec, *, device, batch_size
                               desc=f"{desc} gradients")
     else:
         method = make_method(spec.method)
-    start_from = None if spec.protocol == "cascade" else dense
+    start_from = current if spec.protocol == "cascade" else dense
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
-                block_states=start_from, offload_activations=offload, desc=f"{desc} prune")
+                block_states=start_from, offload_activations=offload, desc=f"{desc} prune",
+                on_block_done=current.save if current is not None else None)
 
 
-def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset], spec: RunSpec, *,
-                  heldout: Optional[Dataset] = None, device="cpu", batch_size="auto",
-                  offload_activations: bool = False, log=print) -> dict:
+def run_continual(lm: LayeredModel, dense: Optional[DenseWeights], datasets: List[Dataset],
+                  spec: RunSpec, *, heldout: Optional[Dataset] = None, device="cpu",
+                  batch_size="auto", offload_activations: bool = False,
+                  scratch_dir=None, log=print) -> dict:
     """Run ``spec`` over ``datasets`` in order; after each step evaluate every dataset (and the
-    held-out one). Leaves ``lm`` holding the last step's pruned weights."""
+    held-out one).
+
+    ``lm`` in memory: ``dense`` holds W0 and ``lm`` is left holding the last step's weights.
+    ``lm`` lazy (streamed from its checkpoint, :meth:`LayeredModel.from_checkpoint`): pass
+    ``dense=None`` (W0 is read from the checkpoint) and ``scratch_dir``, under which the pruned
+    blocks wait between steps (:class:`ScratchBlocks`, removed at the end), so the host holds
+    about one block, never the model."""
+    if lm.lazy and (dense is not None or scratch_dir is None):
+        raise ValueError("a lazy model reads W0 from its checkpoint: pass dense=None and a "
+                         "scratch_dir for the pruned blocks")
+    current = ScratchBlocks(scratch_dir) if lm.lazy else None
+    try:
+        return _run_steps(lm, dense, datasets, spec, heldout, current, device=device,
+                          batch_size=batch_size, offload_activations=offload_activations, log=log)
+    finally:
+        if current is not None:
+            current.close()
+
+
+def _run_steps(lm, dense, datasets, spec, heldout, current, *, device, batch_size,
+               offload_activations, log) -> dict:
     pattern = Pattern.parse(spec.pattern)
     history: Dict[str, LayerHistory] = {}
     test_sets = {d.name: d.test for d in datasets}
     if heldout is not None:
         test_sets[f"heldout:{heldout.name}"] = heldout.test
-    for index in range(lm.num_blocks):  # every run starts from the dense model
-        lm.load_block(index, "cpu", dense(index))
+    if current is None:  # every run starts from the dense model (a lazy one reads it anyway)
+        for index in range(lm.num_blocks):
+            lm.load_block(index, "cpu", dense(index))
     matrix, heldout_ppl, step_seconds = [], [], []
     for step, dataset in enumerate(datasets):
         started = time.perf_counter()
@@ -146,9 +213,11 @@ def run_continual(lm: LayeredModel, dense: DenseWeights, datasets: List[Dataset]
             windows = torch.cat([d.calibration[: spec.num_calibration] if spec.num_calibration
                                  else d.calibration for d in datasets[: step + 1]])
         prune_step(lm, dense, history, windows, pattern, spec, device=device,
-                   batch_size=batch_size, offload=offload_activations, desc=desc)
+                   batch_size=batch_size, offload=offload_activations, desc=desc,
+                   current=current)
         ppl = perplexities(lm, test_sets, device=device, batch_size=batch_size,
-                           offload_activations=offload_activations, desc=f"{desc} evaluate")
+                           block_states=current, offload_activations=offload_activations,
+                           desc=f"{desc} evaluate")
         step_seconds.append(time.perf_counter() - started)
         matrix.append([ppl[d.name] for d in datasets])
         if heldout is not None:

@@ -1,18 +1,21 @@
-"""A whole continual experiment from a small config: load the model and data once, evaluate the
-dense model, run each (method, protocol, pattern), save results after every run (a rerun with
-the same output directory skips finished runs), write the report and plots."""
+"""A whole continual experiment from a small config: open the model and load the data once,
+evaluate the dense model, run each (method, protocol, pattern), save results after every run (a
+rerun with the same output directory skips finished runs), write the report and plots. The model
+is streamed from its checkpoint block by block, like ``copal prune``: the host never holds it
+whole; pruned blocks wait between steps in a scratch folder of the output directory."""
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .assets import SMOLLM2_NAME, resolve_model
-from .continual import DenseWeights, RunSpec, run_continual, state_metadata
+from .continual import RunSpec, ScratchBlocks, run_continual, state_metadata
 from .data import make_dataset
 from .evaluate import perplexities
 from .model import LayeredModel, resolve_dtype
@@ -94,10 +97,9 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     model_dir = resolve_model(config.model, progress=log)
     log(f"model {model_dir}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = resolve_dtype(config.dtype, config.device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    lm = LayeredModel.from_model(model)
-    dense = DenseWeights.snapshot(lm)
+    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(config.dtype, config.device))
+    for stale in out_dir.glob(ScratchBlocks.SCRATCH_PREFIX + "*"):  # left by a killed run
+        shutil.rmtree(stale)
     windows = dict(num_calibration=config.num_calibration, num_test=config.num_test,
                    seq_len=config.seq_len, seed=config.seed)
     datasets = [make_dataset(source, tokenizer, **windows) for source in config.sources]
@@ -125,10 +127,12 @@ def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(config.device)
         with HostPeak(interval=0.05) as host:
-            run = run_continual(lm, dense, datasets, spec, heldout=heldout,
+            run = run_continual(lm, None, datasets, spec, heldout=heldout,
                                 device=config.device, batch_size=config.batch_size,
-                                offload_activations=config.offload_activations, log=log)
-        # this run's own peaks (the process's resident memory includes the model held for all runs)
+                                offload_activations=config.offload_activations,
+                                scratch_dir=out_dir, log=log)
+        # this run's own peaks (the process's resident memory includes what all runs share:
+        # libraries, embeddings and head, the token windows)
         run["peak_host_mb"] = host.peak / 2**20
         if on_gpu:
             run["peak_device_mb"] = torch.cuda.max_memory_allocated(config.device) / 2**20

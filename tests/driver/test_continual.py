@@ -15,7 +15,7 @@ from copal.state import load_state, save_state
 from copal.sweep import prune_sweep
 from copal.methods import make_method
 
-from .tiny import tiny_model
+from .tiny import tiny_checkpoint, tiny_model
 
 
 def _datasets(vocab, count=3):
@@ -72,6 +72,27 @@ def test_run_continual(spec):
             assert not torch.allclose(means, torch.ones_like(means), rtol=1e-2)
     assert torch.equal(dense(0)["mlp.up_proj.weight"], DenseWeights.snapshot(
         LayeredModel.from_model(tiny_model()))(0)["mlp.up_proj.weight"]), "W0 is never touched"
+
+
+@pytest.mark.parametrize("spec", [
+    RunSpec("copal", "continual", "2:4"), RunSpec("wanda", "cascade", "50%"),
+    RunSpec("sparsegpt", "cascade", "4:8"), RunSpec("wanda", "joint", "50%"),
+], ids=lambda s: s.label)
+def test_run_continual_streamed_from_the_checkpoint_equals_in_memory(tmp_path, spec):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", layers=3)
+    datasets = _datasets(96)
+    lm = LayeredModel.from_model(tiny_model(layers=3))
+    in_memory = run_continual(lm, DenseWeights.snapshot(lm), datasets, spec, log=lambda *_: None)
+    lazy = LayeredModel.from_checkpoint(checkpoint, dtype=torch.float32)
+    with pytest.raises(ValueError, match="scratch_dir"):
+        run_continual(lazy, None, datasets, spec, log=lambda *_: None)
+    streamed = run_continual(lazy, None, datasets, spec, scratch_dir=tmp_path / "out",
+                             log=lambda *_: None)
+    assert streamed["P"] == in_memory["P"]
+    assert all(p.is_meta for p in lazy.blocks.parameters()), "no block stays in memory"
+    assert list((tmp_path / "out").iterdir()) == [], "the scratch blocks are removed"
+    for key, layer in in_memory["history"].items():
+        assert all(torch.equal(a, b) for a, b in zip(layer.acts, streamed["history"][key].acts))
 
 
 def test_copal_first_step_gives_wandas_mask_without_gradients():
