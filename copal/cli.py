@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from copal_kernels import AGGREGATIONS
+
 from .checkpoint import CheckpointError
 from .data import DataError
 from .methods import DEFAULT_AGGREGATION, METHODS
@@ -54,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", choices=METHODS, default="wanda")
     prune.add_argument("--pattern", default="50%", help="50%%, 0.6, 2:4, 4:8 (N:M keeps N)")
     prune.add_argument("--gradient", choices=["lm", "none"], default="lm", help="COPAL only")
-    prune.add_argument("--aggregation", choices=["max", "sum"], default=DEFAULT_AGGREGATION,
+    prune.add_argument("--aggregation", choices=AGGREGATIONS, default=DEFAULT_AGGREGATION,
                        help="COPAL only: over steps (default max, chosen by the ablations in "
-                            "docs/results.md; METHOD.md writes the sum)")
+                            "docs/results.md; METHOD.md writes the sum; sumsq sums the squared "
+                            "sensitivities, the saliency under the summed Fishers)")
     prune.add_argument("--normalisation", choices=["mean", "none"], default="mean",
                        help="COPAL only: divide each step's norms by their mean, or keep them raw")
     prune.add_argument("--group", choices=["row", "layer"], default="row",

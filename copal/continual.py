@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from copal_kernels import AGGREGATIONS
+
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
@@ -34,7 +36,7 @@ class RunSpec:
     method: str
     protocol: str
     pattern: str = "50%"
-    aggregation: str = DEFAULT_AGGREGATION  # COPAL: max or sum over steps
+    aggregation: str = DEFAULT_AGGREGATION  # COPAL: max, sum or sumsq over steps
     gradient: str = "lm"  # COPAL: "lm" (gradient pass) or "none" (g = 1)
     step_weights: Optional[List[float]] = None  # COPAL: lambda_t
     normalisation: str = "mean"  # COPAL: vectors divided by their mean, or "none" (raw norms)
@@ -49,6 +51,8 @@ class RunSpec:
         if (self.method == "copal") != (self.protocol == "continual"):
             raise ValueError("COPAL runs under its own protocol 'continual', and only COPAL does "
                              f"(got {self.method} with {self.protocol})")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if self.group not in ("row", "layer"):

@@ -203,8 +203,8 @@ DEFAULT_AGGREGATION = "max"
 
 
 class Copal(Method):
-    """COPAL (METHOD.md): I_t = |W0| * agg_s lambda_s ga_s[i] aa_s[j] (agg: ``max`` by default,
-    or METHOD.md's ``sum``); masks from W0 each step.
+    """COPAL (METHOD.md): I_t = agg_s lambda_s |W0| ga_s[i] aa_s[j] (agg: ``max`` by default,
+    METHOD.md's ``sum``, or ``sumsq``, the sum of the squared terms); masks from W0 each step.
 
     ``history`` is the continual state ({block.layer: LayerHistory}); the sweep's step appends
     this step's vectors and prunes the dense weights with all steps so far. ``grad_norms``

@@ -6,7 +6,7 @@ bit-identical masks. Masks are bool with True = keep, except :func:`wanda_mask` 
 """
 
 from . import naive
-from ._validate import check_importance_inputs
+from ._validate import AGGREGATIONS, check_importance_inputs
 from .nm import nm_mask, nm_prune_
 from .stats import channel_sumsq_
 from .unstructured import unstructured_mask, unstructured_prune_
@@ -23,6 +23,7 @@ def importance(weight, grad_norms=None, act_norms=None, *, aggregation="sum", st
 
 
 __all__ = [
+    "AGGREGATIONS",
     "channel_sumsq_",
     "importance",
     "naive",

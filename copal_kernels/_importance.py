@@ -8,6 +8,8 @@ the same order, so masks are bit-identical to the reference. Launchers pass
 import triton
 import triton.language as tl
 
+from ._validate import AGGREGATIONS
+
 
 @triton.jit
 def importance_tile(
@@ -25,7 +27,7 @@ def importance_tile(
     HAS_GRAD: tl.constexpr,
     HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr,
-    AGG_MAX: tl.constexpr,
+    AGGREGATION: tl.constexpr,  # index in AGGREGATIONS: 0 sum, 1 max, 2 sumsq
 ):
     score = magnitude
     for t in tl.static_range(NUM_STEPS):
@@ -38,9 +40,11 @@ def importance_tile(
             term = term * grad
         if HAS_LAMBDA:
             term = tl.load(lam_ptr + t) * term
+        if AGGREGATION == 2:  # sumsq
+            term = term * term
         if t == 0:
             score = term
-        elif AGG_MAX:
+        elif AGGREGATION == 1:  # max
             score = tl.maximum(score, term)
         else:
             score = score + term
@@ -62,5 +66,5 @@ def importance_meta(grads, acts, lambdas, steps, aggregation, placeholder):
         HAS_GRAD=grads is not None,
         HAS_ACT=acts is not None,
         HAS_LAMBDA=lambdas is not None,
-        AGG_MAX=aggregation == "max",
+        AGGREGATION=AGGREGATIONS.index(aggregation),
     )

@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-AGGREGATIONS = ("sum", "max")
+# how the steps' terms combine; the kernels take the index (0, 1, 2) as a constexpr
+AGGREGATIONS = ("sum", "max", "sumsq")
 
 
 def check_weight(weight: torch.Tensor, *, check_finite: bool, name: str = "weight") -> None:

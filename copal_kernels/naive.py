@@ -21,8 +21,9 @@ def importance(
     """Materialised importance, fp32 [out, in].
 
     ``score = |W|`` when there are no steps (T = 0); otherwise, over steps t,
-    ``term_t = lambda_t * ((|W| * A[t, j]) * G[t, i])`` combined by ``sum`` (in step order) or
-    ``max``. A missing G or A is a factor of one, a missing lambda is one: both are skipped, which
+    ``term_t = lambda_t * ((|W| * A[t, j]) * G[t, i])`` combined by ``sum`` (in step order),
+    ``max``, or ``sumsq``: the sum of ``term_t * term_t`` (the OBD saliencies, whose sum is the
+    saliency under the summed Fishers of all steps; it ranks as the root-sum-square does). A missing G or A is a factor of one, a missing lambda is one: both are skipped, which
     is exact. Wanda's product ``|W| * A`` comes first so that step 1 reproduces Wanda's scores.
     """
     magnitude = weight.abs().to(torch.float32)
@@ -38,12 +39,14 @@ def importance(
             term = term * grad_norms[t][:, None]
         if step_weights is not None:
             term = step_weights[t] * term
+        if aggregation == "sumsq":
+            term = term * term
         if t == 0:
             score = term
-        elif aggregation == "sum":
-            score = score + term
-        else:
+        elif aggregation == "max":
             score = torch.maximum(score, term)
+        else:
+            score = score + term
     return score
 
 

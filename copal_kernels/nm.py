@@ -33,7 +33,7 @@ def _nm_kernel(
     HAS_GRAD: tl.constexpr,
     HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr,
-    AGG_MAX: tl.constexpr,
+    AGGREGATION: tl.constexpr,
     N: tl.constexpr,
     M: tl.constexpr,
     M_POW2: tl.constexpr,
@@ -56,7 +56,7 @@ def _nm_kernel(
     w = tl.load(w_ptrs, mask=ok, other=0.0)
     score = importance_tile(
         tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
-        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
     )
     score = tl.where(lanes < M, score, float("inf"))  # padding lanes never rank below a weight
 
@@ -133,7 +133,8 @@ def nm_mask(
             Both None gives magnitude (T = 0); ``G=None, A=sqrt(scaler_row)`` gives Wanda.
         n, m: keep ``n`` of every ``m`` consecutive weights along ``in`` (**n counts kept
             weights**; Wanda's ``prune_n`` is ``m - n``). ``1 <= n < m <= 32``.
-        aggregation: ``"sum"`` or ``"max"`` over steps. step_weights: ``lambda[T]`` or None.
+        aggregation: ``"sum"``, ``"max"`` or ``"sumsq"`` (sum of squared terms) over steps,
+            see :func:`copal_kernels.naive.importance`. step_weights: ``lambda[T]`` or None.
         check_finite: reject NaN/Inf in ``weight`` (one extra read of it).
 
     Returns:

@@ -36,7 +36,7 @@ GROUPS = ("row", "layer")
 def _score_keys(
     w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr, n_rows,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
-    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
 ):
     """Load a [BLOCK_R, BLOCK_C] tile of W; return (w, int32 keys of its scores, in-bounds mask)."""
     col_ok = cols < n_cols
@@ -45,7 +45,7 @@ def _score_keys(
     w = tl.load(w_ptrs, mask=ok, other=0.0)
     score = importance_tile(
         tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
-        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
     )
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0: equal scores, equal keys
     keys = tl.where(ok, score.to(tl.int32, bitcast=True), 0x7FFFFFFF)
@@ -91,7 +91,7 @@ def _choose_digit(counts, prefix, remaining, NUM_BINS: tl.constexpr, RADIX_BITS:
 def _count_rows(
     w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
-    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """One radix pass over whole rows: [BLOCK_R, NUM_BINS] digit counts at ``SHIFT``."""
@@ -100,7 +100,7 @@ def _count_rows(
         cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
         _, keys, ok = _score_keys(
             w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
-            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         )
         counts += _digit_counts(keys, ok, prefix, SHIFT, NUM_BINS, RADIX_BITS, BLOCK_R, BLOCK_C)
     return counts
@@ -111,7 +111,7 @@ def _apply_rows(
     w_ptr, mask_ptr, rows, row_ok, threshold, ties_to_prune, n_rows, n_cols, stride_wr,
     stride_wc, grad_ptr, act_ptr, lam_ptr,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
-    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
 ):
     """Prune, per row, the keys below ``threshold`` and the first ``ties_to_prune`` keys equal
@@ -121,7 +121,7 @@ def _apply_rows(
         cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
         w, keys, ok = _score_keys(
             w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
-            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         )
         tie = (keys == threshold[:, None]) & ok
         tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) + ties_seen[:, None]
@@ -139,7 +139,7 @@ def _row_select_kernel(
     w_ptr, mask_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc, num_pruned,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
-    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_PASSES: tl.constexpr,
     NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
@@ -153,14 +153,14 @@ def _row_select_kernel(
     for p in tl.static_range(NUM_PASSES):
         counts = _count_rows(
             w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
-            lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX, BLOCK_R, BLOCK_C,
+            lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C,
             32 - RADIX_BITS * (p + 1), NUM_BINS, RADIX_BITS,
         )
         prefix, remaining = _choose_digit(counts, prefix, remaining, NUM_BINS, RADIX_BITS)
     # prefix is now the key of the num_pruned-th smallest score of each row
     _apply_rows(
         w_ptr, mask_ptr, rows, row_ok, prefix, remaining, n_rows, n_cols, stride_wr, stride_wc,
-        grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX,
+        grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
     )
 
@@ -170,7 +170,7 @@ def _layer_count_kernel(
     w_ptr, counts_ptr, prefix_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
-    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SHIFT: tl.constexpr,
     NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
@@ -181,7 +181,7 @@ def _layer_count_kernel(
     prefix = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(prefix_ptr)
     counts = _count_rows(
         w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
-        lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGG_MAX, BLOCK_R, BLOCK_C, SHIFT,
+        lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C, SHIFT,
         NUM_BINS, RADIX_BITS,
     )
     bins = tl.arange(0, NUM_BINS)[None, :]
@@ -193,7 +193,7 @@ def _apply_kernel(
     w_ptr, mask_ptr, threshold_ptr, ties_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
-    HAS_LAMBDA: tl.constexpr, AGG_MAX: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
 ):
@@ -206,7 +206,7 @@ def _apply_kernel(
     _apply_rows(
         w_ptr, mask_ptr, rows, rows < n_rows, threshold, ties_to_prune, n_rows, n_cols,
         stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT,
-        HAS_LAMBDA, AGG_MAX, BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
+        HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
     )
 
 

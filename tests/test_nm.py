@@ -5,6 +5,7 @@ import torch
 
 import copal_kernels as ck
 from copal_kernels import naive
+from copal_kernels._validate import AGGREGATIONS
 
 from .helpers import DEVICE, DTYPES, dtype_id, make_norms, make_weight
 
@@ -41,7 +42,7 @@ def test_nm_mask_matches_reference(n, m, dtype, kind):
 IMPORTANCE_VARIANTS = [(0, "sum", False, "both")] + [
     (steps, aggregation, lambdas, vectors)
     for steps in (1, 3)
-    for aggregation in ("sum", "max")
+    for aggregation in AGGREGATIONS
     for lambdas in (False, True)
     for vectors in ("both", "act_only", "grad_only")
 ]
@@ -63,6 +64,18 @@ def test_nm_importance_variants(variant):
                       step_weights=step_weights)
     score = naive.importance(weight, grads, acts, aggregation, step_weights)
     assert torch.equal(keep, naive.nm_mask(score, 2, 4))
+
+
+def test_sumsq_of_raw_activation_norms_ranks_as_wanda_on_the_union():
+    """sum_t (|W| a_t)^2 = (|W| sqrt(sum_t a_t^2))^2: Wanda's score on all steps' data together
+    (equal token counts); sum and max of the norms rank differently."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 128, generator=gen).to(DEVICE)
+    acts = (torch.rand(2, 128, generator=gen) + 0.1).to(DEVICE)
+    union = ck.nm_mask(weight, None, acts.square().sum(0).sqrt(), n=2, m=4)
+    assert torch.equal(ck.nm_mask(weight, None, acts, n=2, m=4, aggregation="sumsq"), union)
+    for other in ("sum", "max"):
+        assert not torch.equal(ck.nm_mask(weight, None, acts, n=2, m=4, aggregation=other), union)
 
 
 def test_nm_magnitude_is_t0():

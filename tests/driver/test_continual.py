@@ -35,6 +35,8 @@ def test_perplexity_matches_the_full_model():
 
 
 def test_copal_options_are_checked():
+    with pytest.raises(ValueError, match="aggregation"):
+        RunSpec("copal", "continual", aggregation="mean")
     with pytest.raises(ValueError, match="normalisation"):
         RunSpec("copal", "continual", normalisation="l2")
     with pytest.raises(ValueError, match="group"):
