@@ -42,10 +42,12 @@ def test_nm_mask_matches_reference(n, m, dtype, kind):
 IMPORTANCE_VARIANTS = [(0, "sum", False, "both")] + [
     (steps, aggregation, lambdas, vectors)
     for steps in (1, 3)
-    for aggregation in AGGREGATIONS
+    for aggregation in ("sum", "max")
     for lambdas in (False, True)
     for vectors in ("both", "act_only", "grad_only")
-]
+] + [  # sumsq squares the same terms: one variant per vector set, lambdas and T = 1 once each
+    (3, "sumsq", True, "both"), (3, "sumsq", False, "act_only"), (1, "sumsq", False, "grad_only")]
+assert {variant[1] for variant in IMPORTANCE_VARIANTS} == set(AGGREGATIONS)
 
 
 def variant_id(variant):
