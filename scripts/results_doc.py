@@ -1,7 +1,8 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
-    .venv/bin/python scripts/results_doc.py runs/standard runs/results-50 runs/results-2of4 \
-        runs/results-4of8 runs/ablations runs/sweep-sparsity runs/sweep-samples
+    .venv/bin/python scripts/results_doc.py runs/standard runs/standard-2of4 runs/results-50 \
+        runs/results-2of4 runs/results-4of8 runs/ablations runs/sweep-sparsity \
+        runs/sweep-samples runs/sweep-samples-128
 """
 
 import argparse
@@ -18,18 +19,26 @@ INTRO = """# Results
 
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
 (`scripts/run_results.sh` runs them all, each resumable), on the machine and versions given with
-each table; this page is composed by `python scripts/results_doc.py runs/standard runs/results-*
-runs/ablations runs/sweep-*`. Model: SmolLM2-135M-Instruct (the real offline
-checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon,
-every Linear of the decoder blocks prunable. **Windows: the first section (runs/standard) is
-PROTOCOL.md's standard protocol, 32 calibration and 32 test windows of 512 tokens per dataset,
-every method x protocol at 50% (8-23 minutes a run on two cores; at 2:4 and 4:8 these windows
-have not run yet: configs/standard-2of4.toml and standard-4of8.toml); every other section uses
-16 calibration and 16 test windows of 256 tokens per dataset** (the main job's), to fit the
-2-core CPU's time. The standard runs had the two cores to themselves (but for under a minute of
-tests during Wanda-cascade's first step). Peak host memory per run: a number is that run's own
-peak resident memory (sampled while it ran, the model held for all runs included); `<= N` marks
-runs recorded before that sampling existed, N being the process's peak up to the end of the run.
+each table; this page is composed by `python scripts/results_doc.py runs/standard
+runs/standard-2of4 runs/results-* runs/ablations runs/sweep-*`. Model: SmolLM2-135M-Instruct (the
+real offline checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki ->
+kjv -> jargon, every Linear of the decoder blocks prunable. **Windows: the first two sections
+(runs/standard, runs/standard-2of4) are PROTOCOL.md's standard protocol, 32 calibration and 32
+test windows of 512 tokens per dataset, every method x protocol at 50%, and at 2:4 all but
+SparseGPT's cascade and joint runs (3-25 minutes a run on two cores; the rest of
+configs/standard-2of4.toml and all of standard-4of8.toml have not run yet); every
+other section uses 16 calibration and 16 test windows of 256 tokens per dataset** (the main
+job's), to fit the 2-core CPU's time. The standard runs had the two cores to themselves but for
+tests: under a minute during Wanda-cascade 50%'s first step, and about eight minutes at normal
+priority (07:17 to 07:25 UTC on 2026-11-29) during Wanda-joint 2:4's first two steps, whose
+second step (499 s) they lengthened; niced tests before that took a few percent of a core.
+(SparseGPT-cascade 2:4 shared the cores with 16 minutes of tests; that run was stopped and is
+not shown.)
+Peak host memory per run: a number is that run's own peak resident memory (sampled while it
+ran); every run on this page but the `sumsq` row of runs/ablations held the whole model and a
+dense copy in memory for all runs, which the number includes (`copal experiment` has streamed
+the model block by block since commit 31f169f, after the 2:4 standard runs); `<= N` marks runs recorded before that sampling existed, N being
+the process's peak up to the end of the run.
 The other sections' wall times were taken while other work shared the two cores. The main job alone, with COPAL's
 default `max`, took 11 min 47 s on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment
 --config configs/main.toml --out /tmp/main-timing`, installed already, nothing else running:
