@@ -25,7 +25,7 @@ real offline checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), seq
 kjv -> jargon, every Linear of the decoder blocks prunable. **Windows: the first two sections
 (runs/standard, runs/standard-2of4) are PROTOCOL.md's standard protocol, 32 calibration and 32
 test windows of 512 tokens per dataset, every method x protocol at 50%, and at 2:4 all but
-SparseGPT's cascade and joint runs (3-25 minutes a run on two cores; the rest of
+SparseGPT's cascade and joint runs (8-24 minutes a run on two cores; the rest of
 configs/standard-2of4.toml and all of standard-4of8.toml have not run yet); every
 other section uses 16 calibration and 16 test windows of 256 tokens per dataset** (the main
 job's), to fit the 2-core CPU's time. The standard runs had the two cores to themselves but for
@@ -37,8 +37,8 @@ not shown.)
 Peak host memory per run: a number is that run's own peak resident memory (sampled while it
 ran); every run on this page but the `sumsq` row of runs/ablations held the whole model and a
 dense copy in memory for all runs, which the number includes (`copal experiment` has streamed
-the model block by block since commit 31f169f, after the 2:4 standard runs); `<= N` marks runs recorded before that sampling existed, N being
-the process's peak up to the end of the run.
+the model block by block since commit 31f169f, after the 2:4 standard runs); `<= N` marks runs
+recorded before that sampling existed, N being the process's peak up to the end of the run.
 The other sections' wall times were taken while other work shared the two cores. The main job alone, with COPAL's
 default `max`, took 11 min 47 s on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment
 --config configs/main.toml --out /tmp/main-timing`, installed already, nothing else running:

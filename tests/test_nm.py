@@ -5,7 +5,6 @@ import torch
 
 import copal_kernels as ck
 from copal_kernels import naive
-from copal_kernels._validate import AGGREGATIONS
 
 from .helpers import DEVICE, DTYPES, dtype_id, make_norms, make_weight
 
@@ -47,7 +46,7 @@ IMPORTANCE_VARIANTS = [(0, "sum", False, "both")] + [
     for vectors in ("both", "act_only", "grad_only")
 ] + [  # sumsq squares the same terms: one variant per vector set, lambdas and T = 1 once each
     (3, "sumsq", True, "both"), (3, "sumsq", False, "act_only"), (1, "sumsq", False, "grad_only")]
-assert {variant[1] for variant in IMPORTANCE_VARIANTS} == set(AGGREGATIONS)
+assert {variant[1] for variant in IMPORTANCE_VARIANTS} == set(ck.AGGREGATIONS)
 
 
 def variant_id(variant):
