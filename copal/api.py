@@ -14,7 +14,8 @@ from .checkpoint import ShardWriter
 from .data import make_dataset
 from .evaluate import perplexities
 from .continual import DenseWeights, RunSpec, copal_method, prune_step, state_metadata
-from .methods import DEFAULT_AGGREGATION, LayerHistory, Pattern, make_method
+from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, LayerHistory,
+                      Pattern, make_method)
 from .model import LayeredModel, resolve_dtype
 from .state import load_state, save_state
 from .sweep import prune_sweep
@@ -46,8 +47,9 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, r
 
 def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", pattern: str = "50%",
                      num_calibration: int = 32, seq_len: int = 512, seed: int = 0, device="cpu",
-                     batch_size="auto", dtype="auto", gradient: str = "lm",
-                     aggregation: str = DEFAULT_AGGREGATION, normalisation: str = "mean",
+                     batch_size="auto", dtype="auto", gradient: str = DEFAULT_GRADIENT,
+                     aggregation: str = DEFAULT_AGGREGATION,
+                     normalisation: str = DEFAULT_NORMALISATION,
                      group: str = "row", offload_activations: bool = False,
                      state_out=None, overwrite: bool = False, log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration

@@ -16,7 +16,8 @@ from copal_kernels import AGGREGATIONS
 
 from .checkpoint import CheckpointError
 from .data import DataError
-from .methods import DEFAULT_AGGREGATION, METHODS
+from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, GRADIENTS,
+                      METHODS, NORMALISATIONS)
 from .model import UnsupportedModelError
 
 
@@ -55,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--data", required=True, help="wiki, kjv, jargon, wikitext2, ptb, c4 or a path")
     prune.add_argument("--method", choices=METHODS, default="wanda")
     prune.add_argument("--pattern", default="50%", help="50%%, 0.6, 2:4, 4:8 (N:M keeps N)")
-    prune.add_argument("--gradient", choices=["lm", "none"], default="lm", help="COPAL only")
+    prune.add_argument("--gradient", choices=GRADIENTS, default=DEFAULT_GRADIENT,
+                       help="COPAL only: lm (gradient pass over the dense model) or none (g = 1); "
+                            f"default {DEFAULT_GRADIENT}")
     prune.add_argument("--aggregation", choices=AGGREGATIONS, default=DEFAULT_AGGREGATION,
-                       help="COPAL only: over steps (default max, chosen by the ablations in "
-                            "docs/results.md; METHOD.md writes the sum; sumsq sums the squared "
-                            "sensitivities, the saliency under the summed Fishers)")
-    prune.add_argument("--normalisation", choices=["mean", "none"], default="mean",
-                       help="COPAL only: divide each step's norms by their mean, or keep them raw")
+                       help=f"COPAL only: over steps (default {DEFAULT_AGGREGATION}, chosen by "
+                            "the ablations in docs/results.md; METHOD.md writes the sum; sumsq "
+                            "sums the squared sensitivities, the saliency under the summed Fishers)")
+    prune.add_argument("--normalisation", choices=NORMALISATIONS, default=DEFAULT_NORMALISATION,
+                       help="COPAL only: divide each step's norms by their mean, or keep them raw "
+                            f"(none); default {DEFAULT_NORMALISATION}")
     prune.add_argument("--group", choices=["row", "layer"], default="row",
                        help="COPAL, unstructured only: per-row or per-layer comparison groups")
     prune.add_argument("--out", required=True)

@@ -22,7 +22,8 @@ from copal_kernels import AGGREGATIONS
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
-from .methods import DEFAULT_AGGREGATION, METHODS, NORMALISATIONS, LayerHistory, Pattern, make_method
+from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, GRADIENTS,
+                      METHODS, NORMALISATIONS, LayerHistory, Pattern, make_method)
 from .model import LayeredModel
 from .sweep import prune_sweep
 
@@ -37,9 +38,9 @@ class RunSpec:
     protocol: str
     pattern: str = "50%"
     aggregation: str = DEFAULT_AGGREGATION  # COPAL: max, sum or sumsq over steps
-    gradient: str = "lm"  # COPAL: "lm" (gradient pass) or "none" (g = 1)
+    gradient: str = DEFAULT_GRADIENT  # COPAL: "lm" (gradient pass) or "none" (g = 1)
     step_weights: Optional[List[float]] = None  # COPAL: lambda_t
-    normalisation: str = "mean"  # COPAL: vectors divided by their mean, or "none" (raw norms)
+    normalisation: str = DEFAULT_NORMALISATION  # COPAL: vectors divided by their mean, or "none" (raw norms)
     group: str = "row"  # COPAL, unstructured: per-row comparison groups or one per "layer"
     num_calibration: Optional[int] = None  # None: all windows of the dataset
 
@@ -57,8 +58,8 @@ class RunSpec:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if self.group not in ("row", "layer"):
             raise ValueError(f"group must be 'row' or 'layer', got {self.group!r}")
-        if self.gradient not in ("lm", "none"):
-            raise ValueError(f"gradient must be 'lm' or 'none', got {self.gradient!r}")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         Pattern.parse(self.pattern)
 
     @property
@@ -138,9 +139,9 @@ class ScratchBlocks:
         self.saved.clear()
 
 
-def copal_method(lm, history, windows, *, gradient="lm", aggregation=DEFAULT_AGGREGATION,
+def copal_method(lm, history, windows, *, gradient=DEFAULT_GRADIENT, aggregation=DEFAULT_AGGREGATION,
                  step_weights=None,
-                 normalisation="mean", group="row", device="cpu", batch_size="auto",
+                 normalisation=DEFAULT_NORMALISATION, group="row", device="cpu", batch_size="auto",
                  block_states=None, desc="gradients"):
     """COPAL for one step: this step's gradient pass over the dense model (unless
     ``gradient="none"``), and the method that appends to ``history`` and prunes."""

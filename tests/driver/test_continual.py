@@ -50,7 +50,9 @@ def test_bwt():
 
 
 @pytest.mark.parametrize("spec", [
-    RunSpec("copal", "continual", "50%"), RunSpec("copal", "continual", "2:4", gradient="none",
+    RunSpec("copal", "continual", "50%"),
+    RunSpec("copal", "continual", "50%", gradient="lm", aggregation="sum", normalisation="mean"),
+    RunSpec("copal", "continual", "2:4", gradient="none",
                                                   aggregation="max", step_weights=[1, 1, 2]),
     RunSpec("copal", "continual", "50%", normalisation="none", group="layer"),
     RunSpec("wanda", "restart", "50%"), RunSpec("wanda", "joint", "2:4"),
@@ -77,7 +79,7 @@ def test_run_continual(spec):
 
 
 @pytest.mark.parametrize("spec", [
-    RunSpec("copal", "continual", "2:4"), RunSpec("sparsegpt", "cascade", "4:8"),
+    RunSpec("copal", "continual", "2:4", gradient="lm"), RunSpec("sparsegpt", "cascade", "4:8"),
 ], ids=lambda s: s.label)
 def test_run_continual_streamed_from_the_checkpoint_equals_in_memory(tmp_path, spec):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", layers=3)

@@ -27,11 +27,11 @@ def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path
     out = tmp_path / "run"
     assert main(["experiment", "--config", str(config_path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "P matrix, copal[max,grad]-continual 2:4" in printed and "BWT mean" in printed
+    assert "P matrix, copal[sumsq,nograd,raw]-continual 2:4" in printed and "BWT mean" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert [run["label"] for run in results["runs"]] == [
-        "copal[max,grad]-continual 2:4", "wanda-restart 2:4"]
+        "copal[sumsq,nograd,raw]-continual 2:4", "wanda-restart 2:4"]
     for run in results["runs"]:
         assert len(run["P"]) == 2 and len(run["heldout"]["ppl"]) == 2
         # each run's own peak: above 0, at most the process's peak
@@ -39,7 +39,7 @@ def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path
     assert not list(out.glob(".copal-scratch-*")), "the runs' scratch blocks are removed"
     history, meta = load_state(out / results["runs"][0]["state_file"])
     assert meta["datasets"] == [str(corpus), str(corpus_b)]
-    assert meta["pattern"] == "2:4" and meta["aggregation"] == "max" and meta["seq_len"] == 32
+    assert meta["pattern"] == "2:4" and meta["aggregation"] == "sumsq" and meta["seq_len"] == 32
     # the experiment's state is continued by another process's verb, with no past data
     assert main(["continue", "--state", str(out / results["runs"][0]["state_file"]),
                  "--data", str(heldout), "--out", str(tmp_path / "step3")]) == 0

@@ -90,7 +90,7 @@ def test_prune_writes_loadable_checkpoint_with_exact_pattern(checkpoint, corpus,
 
 def test_copal_continue_from_state_alone(checkpoint, corpus, corpus_b, tmp_path):
     first = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "step1", method="copal",
-                             log=lambda *_: None, **WINDOWS)
+                             gradient="lm", log=lambda *_: None, **WINDOWS)
     second = continue_checkpoint(str(first / "copal-state.safetensors"), str(corpus_b),
                                  tmp_path / "step2", log=lambda *_: None)
     history, meta = load_state(second / "copal-state.safetensors")
