@@ -1,8 +1,8 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
-    .venv/bin/python scripts/results_doc.py runs/standard runs/standard-2of4 runs/results-50 \
-        runs/results-2of4 runs/results-4of8 runs/ablations runs/sweep-sparsity \
-        runs/sweep-samples runs/sweep-samples-128
+    .venv/bin/python scripts/results_doc.py runs/standard runs/standard-2of4 runs/standard-4of8 \
+        runs/ablations-standard runs/results-50 runs/results-2of4 runs/results-4of8 runs/ablations \
+        runs/sweep-sparsity runs/sweep-samples runs/sweep-samples-128
 """
 
 import argparse
@@ -20,34 +20,50 @@ INTRO = """# Results
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
 (`scripts/run_results.sh` runs them all, each resumable), on the machine and versions given with
 each table; this page is composed by `python scripts/results_doc.py runs/standard
-runs/standard-2of4 runs/results-* runs/ablations runs/sweep-*`. Model: SmolLM2-135M-Instruct (the
-real offline checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki ->
-kjv -> jargon, every Linear of the decoder blocks prunable. **Windows: the first two sections
-(runs/standard, runs/standard-2of4) are PROTOCOL.md's standard protocol, 32 calibration and 32
-test windows of 512 tokens per dataset, every method x protocol at 50%, and at 2:4 all but
-SparseGPT's cascade and joint runs (8-24 minutes a run on two cores; the rest of
-configs/standard-2of4.toml and all of standard-4of8.toml have not run yet); every
-other section uses 16 calibration and 16 test windows of 256 tokens per dataset** (the main
-job's), to fit the 2-core CPU's time. The standard runs had the two cores to themselves but for
-tests: under a minute during Wanda-cascade 50%'s first step, and about eight minutes at normal
-priority (07:17 to 07:25 UTC on 2026-11-29) during Wanda-joint 2:4's first two steps, whose
-second step (499 s) they lengthened; niced tests before that took a few percent of a core.
+runs/standard-2of4 runs/standard-4of8 runs/ablations-standard runs/results-* runs/ablations
+runs/sweep-*`. Model: SmolLM2-135M-Instruct (the real offline checkpoint of PROTOCOL.md, fp32 on
+the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon, every Linear of the decoder blocks
+prunable.
+
+**Windows: the first four sections are PROTOCOL.md's standard protocol**, 32 calibration and 32
+test windows of 512 tokens per dataset: every method x protocol at 50% (runs/standard); at 2:4
+all but SparseGPT's cascade and joint runs (runs/standard-2of4); at 4:8 Wanda's restart, cascade
+and joint runs (runs/standard-4of8; the rest of configs/standard-2of4.toml and standard-4of8.toml
+has not run yet); COPAL's default variant at all three patterns (runs/ablations-standard). A
+standard run takes 8-24 minutes on two cores. **Every other section uses 16 calibration and 16
+test windows of 256 tokens per dataset** (the main job's), to fit the 2-core CPU's time.
+
+**COPAL's variant is in each row's label**: `copal[sumsq,nograd,raw]` is the default since commit
+cad0319 (sum of squared terms over steps, g = 1, raw norms; chosen on the standard protocol, see
+the analysis at the end); `copal[max,grad]` (max over steps, gradient pass, mean-normalised
+vectors) was the default before it and is what runs/standard, runs/standard-2of4 and the sweeps
+ran; `copal[sum,grad]` is METHOD.md's formula.
+
+The standard runs had the two cores to themselves but for tests: under a minute during
+Wanda-cascade 50%'s first step; about eight minutes at normal priority (07:17 to 07:25 UTC on
+2026-11-29) during Wanda-joint 2:4's first two steps, whose second step (499 s) they lengthened;
+four minutes (10:05 to 10:09 UTC on 2026-11-29) during the second step of the default's 4:8 run
+(422 s, its other steps 281-305 s); niced tests before these took a few percent of a core.
 (SparseGPT-cascade 2:4 shared the cores with 16 minutes of tests; that run was stopped and is
 not shown.)
 Peak host memory per run: a number is that run's own peak resident memory (sampled while it
-ran); every run on this page but the `sumsq` row of runs/ablations held the whole model and a
-dense copy in memory for all runs, which the number includes (`copal experiment` has streamed
-the model block by block since commit 31f169f, after the 2:4 standard runs); `<= N` marks runs
+ran). `copal experiment` has streamed the model block by block since commit 31f169f: the runs of
+runs/standard-4of8, runs/ablations-standard and the `sumsq` rows of runs/ablations did so (peak
+about 0.95 GB); every other run on this page held the whole model and a dense copy in memory for
+all runs, which its number includes (2.6-3.4 GB on the standard windows); `<= N` marks runs
 recorded before that sampling existed, N being the process's peak up to the end of the run.
-The other sections' wall times were taken while other work shared the two cores. The main job alone, with COPAL's
-default `max`, took 11 min 47 s on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment
---config configs/main.toml --out /tmp/main-timing`, installed already, nothing else running:
-COPAL 410 s, Wanda-restart 232 s, the rest loading and the dense evaluation; peak RSS 2.05 GB);
-with `sum` it had taken 9 min 39 s on 2026-11-28. The host's speed drifts by about 15% between
+The other sections' wall times were taken while other work shared the two cores. The main job
+alone, with COPAL's default (`sumsq`, g = 1, raw norms) and the model streamed, took 10 min 12 s
+on 2026-11-29 (`/usr/bin/time -v .venv/bin/copal experiment --config configs/main.toml --out
+/tmp/main-timing`, installed already, nothing else running: COPAL 263 s, Wanda-restart 278 s,
+the rest loading and the dense evaluation; peak RSS 0.78 GB; COPAL BWT 0.68 / 0.77, final mean
+77.43; Wanda-restart 6.31 / 8.20, 80.08). With the former default `max`, before streaming, it
+had taken 11 min 47 s (COPAL 410 s, Wanda-restart 232 s, peak RSS 2.05 GB). The host's speed drifts by about 15% between
 runs (docs/performance.md).
 
-COPAL's first step gives Wanda's mask up to rounding: normalising the vectors can turn two scores
-within an ulp into a tie (METHOD.md). At 50% no such flip occurred and step 1 is identical; at 2:4
+COPAL's first step gives Wanda's mask up to rounding: normalising the vectors, or squaring the
+terms (`sumsq`), can turn two scores within an ulp into a tie (METHOD.md). For `max` at 50% no
+such flip occurred and step 1 is identical; at 2:4
 two weights of block 4 flipped, and the sequential sweep, whose later blocks see the changed
 activations, amplified that into different masks downstream (checked by comparing the masks
 block by block), hence step-1 perplexities that differ by about 1%.
