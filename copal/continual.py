@@ -40,7 +40,7 @@ class RunSpec:
     aggregation: str = DEFAULT_AGGREGATION  # COPAL: max, sum or sumsq over steps
     gradient: str = DEFAULT_GRADIENT  # COPAL: "lm" (gradient pass) or "none" (g = 1)
     step_weights: Optional[List[float]] = None  # COPAL: lambda_t
-    normalisation: str = DEFAULT_NORMALISATION  # COPAL: vectors divided by their mean, or "none" (raw norms)
+    normalisation: str = DEFAULT_NORMALISATION  # COPAL: "mean" (divided by their mean) or "none"
     group: str = "row"  # COPAL, unstructured: per-row comparison groups or one per "layer"
     num_calibration: Optional[int] = None  # None: all windows of the dataset
 
@@ -139,8 +139,8 @@ class ScratchBlocks:
         self.saved.clear()
 
 
-def copal_method(lm, history, windows, *, gradient=DEFAULT_GRADIENT, aggregation=DEFAULT_AGGREGATION,
-                 step_weights=None,
+def copal_method(lm, history, windows, *, gradient=DEFAULT_GRADIENT,
+                 aggregation=DEFAULT_AGGREGATION, step_weights=None,
                  normalisation=DEFAULT_NORMALISATION, group="row", device="cpu", batch_size="auto",
                  block_states=None, desc="gradients"):
     """COPAL for one step: this step's gradient pass over the dense model (unless
