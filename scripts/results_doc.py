@@ -27,7 +27,7 @@ prunable.
 
 **Windows: the first four sections are PROTOCOL.md's standard protocol**, 32 calibration and 32
 test windows of 512 tokens per dataset: every method x protocol at 50% (runs/standard); at 2:4
-all but SparseGPT's cascade and joint runs (runs/standard-2of4); at 4:8 Wanda's restart, cascade
+all but SparseGPT-joint (runs/standard-2of4); at 4:8 Wanda's restart, cascade
 and joint runs (runs/standard-4of8; the rest of configs/standard-2of4.toml and standard-4of8.toml
 has not run yet); COPAL's default variant at all three patterns (runs/ablations-standard). A
 standard run takes 8-24 minutes on two cores. **Every other section uses 16 calibration and 16
@@ -44,12 +44,12 @@ Wanda-cascade 50%'s first step; about eight minutes at normal priority (07:17 to
 2026-11-29) during Wanda-joint 2:4's first two steps, whose second step (499 s) they lengthened;
 four minutes (10:05 to 10:09 UTC on 2026-11-29) during the second step of the default's 4:8 run
 (422 s, its other steps 281-305 s); niced tests before these took a few percent of a core.
-(SparseGPT-cascade 2:4 shared the cores with 16 minutes of tests; that run was stopped and is
-not shown.)
+(An earlier SparseGPT-cascade 2:4 run shared the cores with 16 minutes of tests and was
+stopped; the one shown ran alone.)
 Peak host memory per run: a number is that run's own peak resident memory (sampled while it
 ran). `copal experiment` has streamed the model block by block since commit 31f169f: the runs of
-runs/standard-4of8, runs/ablations-standard and the `sumsq` rows of runs/ablations did so (peak
-about 0.95 GB); every other run on this page held the whole model and a dense copy in memory for
+runs/standard-4of8 and runs/ablations-standard, SparseGPT-cascade in runs/standard-2of4 and the
+`sumsq` rows of runs/ablations did so (peak 0.9-1.1 GB); every other run on this page held the whole model and a dense copy in memory for
 all runs, which its number includes (2.6-3.4 GB on the standard windows); `<= N` marks runs
 recorded before that sampling existed, N being the process's peak up to the end of the run.
 The other sections' wall times were taken while other work shared the two cores. The main job
