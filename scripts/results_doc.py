@@ -49,8 +49,9 @@ stopped; the one shown ran alone.)
 Peak host memory per run: a number is that run's own peak resident memory (sampled while it
 ran). `copal experiment` has streamed the model block by block since commit 31f169f: the runs of
 runs/standard-4of8 and runs/ablations-standard, SparseGPT-cascade in runs/standard-2of4 and the
-`sumsq` rows of runs/ablations did so (peak 0.9-1.1 GB); every other run on this page held the whole model and a dense copy in memory for
-all runs, which its number includes (2.6-3.4 GB on the standard windows); `<= N` marks runs
+`sumsq` rows of runs/ablations did so (peak 0.9-1.1 GB); every other run on this page held the
+whole model and a dense copy in memory for all runs, which its number includes (2.6-3.4 GB on
+the standard windows); `<= N` marks runs
 recorded before that sampling existed, N being the process's peak up to the end of the run.
 The other sections' wall times were taken while other work shared the two cores. The main job
 alone, with COPAL's default (`sumsq`, g = 1, raw norms) and the model streamed, took 10 min 12 s
