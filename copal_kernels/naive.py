@@ -24,7 +24,8 @@ def importance(
     ``term_t = lambda_t * ((|W| * A[t, j]) * G[t, i])`` combined by ``sum`` (in step order),
     ``max``, or ``sumsq``: the sum of ``term_t * term_t`` (the OBD saliencies, whose sum is the
     saliency under the summed Fishers of all steps; it ranks as the root-sum-square does). A
-    missing G or A is a factor of one, a missing lambda is one: both are skipped, which is exact. Wanda's product ``|W| * A`` comes first so that step 1 reproduces Wanda's scores.
+    missing G or A is a factor of one, a missing lambda is one: both are skipped, which is exact.
+    Wanda's product ``|W| * A`` comes first so that step 1 reproduces Wanda's scores.
     """
     magnitude = weight.abs().to(torch.float32)
     steps = grad_norms.shape[0] if grad_norms is not None else (
