@@ -6,7 +6,6 @@ data); ``continual`` is COPAL's own update (masks from W0 and the importance car
 state, no past data).
 """
 
-import os
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from copal_kernels import AGGREGATIONS
 
+from .atomic import write_atomically
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
@@ -125,10 +125,8 @@ class ScratchBlocks:
 
     def save(self, index: int, block: torch.nn.Module) -> None:
         state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        path = self._path(index)
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)  # a new file: a reader of the old one is never disturbed
+        # a new file: a reader of the old one is never disturbed
+        write_atomically(self._path(index), lambda name: save_file(state, name))
         self.saved.add(index)
 
     def __call__(self, index: int) -> Optional[Dict[str, torch.Tensor]]:

@@ -20,6 +20,8 @@ from typing import Callable, Dict
 
 import torch
 
+from .atomic import write_atomically
+
 
 class DataError(RuntimeError):
     """A source that cannot be had, or that gives too little text."""
@@ -157,10 +159,7 @@ def tokenize_corpus(source: str, tokenizer) -> torch.Tensor:
         return torch.load(path)
     text = load_text(source)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(ids, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda name: torch.save(ids, name))
     return ids
 
 

@@ -5,7 +5,6 @@ is streamed from its checkpoint block by block, like ``copal prune``: the host n
 whole; pruned blocks wait between steps in a scratch folder of the output directory."""
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .assets import SMOLLM2_NAME, resolve_model
+from .atomic import write_atomically
 from .continual import RunSpec, ScratchBlocks, run_continual, state_metadata
 from .data import make_dataset
 from .evaluate import perplexities
@@ -72,9 +72,8 @@ RESULT_KEYS = ("model", "sources", "heldout", "num_calibration", "num_test", "se
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1)
+    write_atomically(path, lambda name: Path(name).write_text(text))
 
 
 def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:

@@ -3,7 +3,6 @@ floats, nothing weight-sized), saved as safetensors with its metadata, so that a
 can be added in another process without any past data."""
 
 import json
-import os
 from pathlib import Path
 from typing import Dict
 
@@ -11,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_atomically
 from .methods import LayerHistory
 
 FORMAT = "copal-state/1"
@@ -35,11 +35,8 @@ def save_state(path, history: Dict[str, LayerHistory], metadata: dict) -> Path:
     for key, layer in history.items():
         tensors[f"{key}.grads"] = torch.stack(layer.grads).contiguous()
         tensors[f"{key}.acts"] = torch.stack(layer.acts).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "metadata": json.dumps(metadata)})
-    os.replace(tmp, path)
-    return path
+    header = {"format": FORMAT, "metadata": json.dumps(metadata)}
+    return write_atomically(path, lambda name: save_file(tensors, name, metadata=header))
 
 
 def load_state(path):

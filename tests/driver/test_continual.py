@@ -1,11 +1,14 @@
-"""The continual runner, COPAL's state, the metrics, on a tiny model and synthetic windows."""
+"""The continual runner, COPAL's state and its atomic writes, the metrics, on a tiny model and
+synthetic windows."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from copal.api import ContinualPruner
+from copal.atomic import write_atomically
 from copal.continual import DenseWeights, RunSpec, run_continual
 from copal.data import Dataset
 from copal.evaluate import bwt, perplexities
@@ -132,6 +135,19 @@ def test_state_round_trip(tmp_path):
         save_state(tmp_path / "partial.safetensors", history,
                    {k: v for k, v in metadata.items() if k != "seq_len"})
 
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = write_atomically(tmp_path / "results.json", lambda name: Path(name).write_text("old"))
+
+    def half_write_then_fail(name):
+        Path(name).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, half_write_then_fail)
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
 
 def test_run_spec_validation():
     with pytest.raises(ValueError, match="own protocol"):
