@@ -4,7 +4,7 @@
     copal prune --model DIR --data SOURCE --method wanda --pattern 2:4 --out DIR
     copal continue --state FILE --data SOURCE --out DIR
     copal evaluate --model DIR --data SOURCE [SOURCE ...]
-    copal report DIR
+    copal report DIR [DIR ...] [--out OUT]
 """
 
 import argparse
@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512)
     _common(ev, calibration=False)
 
-    rep = sub.add_parser("report", help="render report.md and plots from a results directory")
-    rep.add_argument("directory")
+    rep = sub.add_parser("report", help="render report.md and plots from results directories")
+    rep.add_argument("directories", nargs="+", metavar="directory",
+                     help="results directories of `copal experiment`; several are merged (same "
+                          "model and test windows), e.g. a sweep split over configs")
+    rep.add_argument("--out", help="where the report goes (default: the one directory given; "
+                                   "required with several)")
     return parser
 
 
@@ -135,11 +139,20 @@ def main(argv=None) -> int:
                                          offload_activations=args.offload_activations)
             print(json.dumps(result, indent=1))
         elif args.command == "report":
+            from .experiment import merge_results
             from .report import print_summary, write_report
 
-            results = json.loads((Path(args.directory) / "results.json").read_text())
+            if len(args.directories) > 1 and not args.out:
+                raise ValueError("several results directories need --out for the merged report")
+            parts = []
+            for directory in args.directories:
+                path = Path(directory) / "results.json"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no results of `copal experiment`")
+                parts.append(json.loads(path.read_text()))
+            results = merge_results(parts)
             print_summary(results)
-            print(f"report {write_report(results, args.directory)}")
+            print(f"report {write_report(results, args.out or args.directories[0])}")
     except (CheckpointError, DataError, UnsupportedModelError, ValueError, FileNotFoundError) as error:
         print(f"copal {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -76,6 +76,33 @@ def _write_json(path: Path, data: dict) -> None:
     write_atomically(path, lambda name: Path(name).write_text(text))
 
 
+
+def merge_results(parts: List[dict]) -> dict:
+    """One results dict from several ``results.json`` dicts, e.g. a sweep split over two configs
+    (Figure 3's 1..64 samples and its 128): every part's runs in order, each run's spec given
+    its own number of calibration windows; the first part's environment and dense perplexities.
+    The parts must share every key of :data:`RESULT_KEYS` but ``num_calibration`` (the same
+    model and test windows, so their perplexities compare); a label in two parts is an error."""
+    if not parts:
+        raise ValueError("no results to merge")
+    first = parts[0]["config"]
+    runs, labels = [], set()
+    for part in parts:
+        differing = [key for key in RESULT_KEYS
+                     if key != "num_calibration" and part["config"].get(key) != first.get(key)]
+        if differing:
+            raise ValueError(f"cannot merge results that differ in {', '.join(differing)}")
+        for run in part["runs"]:
+            if run["label"] in labels:
+                raise ValueError(f"run {run['label']!r} is in more than one of the merged results")
+            labels.add(run["label"])
+            spec = dict(run["spec"], num_calibration=run["spec"].get("num_calibration")
+                        or part["config"]["num_calibration"])
+            runs.append(dict(run, spec=spec))
+    return {"config": first, "environment": parts[0]["environment"], "runs": runs,
+            "dense": parts[0].get("dense"),
+            "peak_rss_mb": max(part.get("peak_rss_mb", 0.0) for part in parts)}
+
 def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     """Run every run of ``config``; results in ``out_dir``/results.json, report.md, plots, and
     one COPAL state file per COPAL run. Returns the results."""

@@ -2,16 +2,19 @@
 
     .venv/bin/python scripts/results_doc.py runs/standard runs/standard-2of4 runs/standard-4of8 \
         runs/ablations-standard runs/results-50 runs/results-2of4 runs/results-4of8 runs/ablations \
-        runs/sweep-sparsity runs/sweep-samples runs/sweep-samples-128
+        runs/sweep-sparsity runs/sweep-samples runs/sweep-samples-128 \
+        --merge runs/sweep-samples runs/sweep-samples-128
 """
 
 import argparse
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from copal.report import bwt_table, dense_table, p_matrix_table
+from copal.experiment import merge_results
+from copal.report import bwt_table, dense_table, make_plots, p_matrix_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -27,29 +30,31 @@ prunable.
 
 **Windows: the first four sections are PROTOCOL.md's standard protocol**, 32 calibration and 32
 test windows of 512 tokens per dataset: every method x protocol at 50% (runs/standard); at 2:4
-all but SparseGPT-joint (runs/standard-2of4); at 4:8 Wanda's restart, cascade
-and joint runs and magnitude (runs/standard-4of8; the rest of configs/standard-2of4.toml and standard-4of8.toml
-has not run yet); COPAL's default variant at all three patterns (runs/ablations-standard). A
+all but SparseGPT-joint (runs/standard-2of4); at 4:8 all but SparseGPT-joint and COPAL `max`
+(runs/standard-4of8; the rest of configs/standard-2of4.toml and standard-4of8.toml has not run
+yet); COPAL's default variant at all three patterns (runs/ablations-standard). A
 standard run takes 8-24 minutes on two cores. **Every other section uses 16 calibration and 16
 test windows of 256 tokens per dataset** (the main job's), to fit the 2-core CPU's time.
 
 **COPAL's variant is in each row's label**: `copal[sumsq,nograd,raw]` is the default since commit
 cad0319 (sum of squared terms over steps, g = 1, raw norms; chosen on the standard protocol, see
 the analysis at the end); `copal[max,grad]` (max over steps, gradient pass, mean-normalised
-vectors) was the default before it and is what runs/standard, runs/standard-2of4 and the sweeps
-ran; `copal[sum,grad]` is METHOD.md's formula.
+vectors) was the default before it and is what runs/standard, runs/standard-2of4 and the sweeps'
+first rows ran (the sweeps have the default's rows too); `copal[sum,grad]` is METHOD.md's formula.
 
 The standard runs had the two cores to themselves but for tests: under a minute during
 Wanda-cascade 50%'s first step; about eight minutes at normal priority (07:17 to 07:25 UTC on
 2026-11-29) during Wanda-joint 2:4's first two steps, whose second step (499 s) they lengthened;
 four minutes (10:05 to 10:09 UTC on 2026-11-29) during the second step of the default's 4:8 run
-(422 s, its other steps 281-305 s); niced tests before these took a few percent of a core.
+(422 s, its other steps 281-305 s); under a minute of single-threaded tests at 12:30 UTC on
+2026-11-29 during SparseGPT-restart 4:8's first step; niced tests before these took a few
+percent of a core.
 (An earlier SparseGPT-cascade 2:4 run shared the cores with 16 minutes of tests and was
 stopped; the one shown ran alone.)
 Peak host memory per run: a number is that run's own peak resident memory (sampled while it
 ran). `copal experiment` has streamed the model block by block since commit 31f169f: the runs of
 runs/standard-4of8 and runs/ablations-standard, SparseGPT-cascade in runs/standard-2of4 and the
-`sumsq` rows of runs/ablations did so (peak 0.9-1.1 GB); every other run on this page held the
+`sumsq` rows of runs/ablations and of the sweeps did so (peak 0.7-1.1 GB); every other run on this page held the
 whole model and a dense copy in memory for all runs, which its number includes (2.6-3.4 GB on
 the standard windows); `<= N` marks runs
 recorded before that sampling existed, N being the process's peak up to the end of the run.
@@ -101,22 +106,47 @@ def section(directory: Path) -> str:
              "Dense model:", dense_table(results), "Continual runs:", bwt_table(results)]
     for run in results["runs"]:
         parts += [f"P[t][i], {run['label']}:", p_matrix_table(run)]
-    for name, title in (("bwt", "BWT"), ("bwt_vs_sparsity", "BWT against sparsity (Figure 1)"),
-                        ("bwt_vs_samples", "BWT against calibration samples (Figure 3)")):
-        plot = directory / f"{name}.png"
-        if plot.is_file():
-            target = DOCS / "results" / f"{directory.name}-{name}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(plot, target)
-            parts.append(f"![{title}]({target.relative_to(DOCS)})")
+    parts += plot_links(directory, directory.name, PLOTS)
     return "\n\n".join(parts)
+
+
+PLOTS = (("bwt", "BWT"), ("bwt_vs_sparsity", "BWT against sparsity (Figure 1)"),
+         ("bwt_vs_samples", "BWT against calibration samples (Figure 3)"))
+
+
+def plot_links(directory: Path, name: str, plots) -> list:
+    """Copy ``directory``'s plots to docs/results/<name>-<plot>.png; their markdown links."""
+    links = []
+    for plot, title in plots:
+        source = directory / f"{plot}.png"
+        if source.is_file():
+            target = DOCS / "results" / f"{name}-{plot}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+            links.append(f"![{title}]({target.relative_to(DOCS)})")
+    return links
+
+
+def merged_section(directories) -> str:
+    """The Figure 1 and 3 plots of several directories' runs together (a sweep split over
+    configs), drawn by copal.report from :func:`copal.experiment.merge_results`."""
+    results = merge_results([json.loads((d / "results.json").read_text()) for d in directories])
+    names = " + ".join(d.name for d in directories)
+    with tempfile.TemporaryDirectory() as scratch:
+        make_plots(results, Path(scratch))
+        links = plot_links(Path(scratch), "+".join(d.name for d in directories), PLOTS[1:])
+    return "\n\n".join([f"## {names}, plotted together",
+                        f"The runs of {names} in one plot (`copal report "
+                        f"{' '.join(str(d) for d in directories)} --out DIR` draws the same)."]
+                       + links)
 
 
 ANALYSIS_MARK = "<!-- analysis: written by hand, kept by scripts/results_doc.py -->"
 
 
-def main(directories):
+def main(directories, merges):
     body = [INTRO] + [section(directory) for directory in directories]
+    body += [merged_section(group) for group in merges]
     target = DOCS / "results.md"
     old = target.read_text() if target.is_file() else ""
     if ANALYSIS_MARK in old:  # the hand-written analysis at the end survives a regeneration
@@ -131,8 +161,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directories", nargs="+", type=Path,
                         help="results directories of `copal experiment`, in the page's order")
+    parser.add_argument("--merge", nargs="+", type=Path, action="append", default=[],
+                        metavar="DIR", help="directories whose runs are plotted together "
+                                            "(a sweep split over configs); repeatable")
     args = parser.parse_args()
-    missing = [str(d) for d in args.directories if not (d / "results.json").is_file()]
+    given = args.directories + [d for group in args.merge for d in group]
+    missing = [str(d) for d in given if not (d / "results.json").is_file()]
     if missing:
         parser.error(f"no results.json in {', '.join(missing)}")
-    main(args.directories)
+    main(args.directories, args.merge)

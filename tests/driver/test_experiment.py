@@ -57,6 +57,37 @@ def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path
     assert main(["report", str(out)]) == 0
 
 
+
+def test_report_merges_a_sweep_split_over_two_results_directories(checkpoint, corpus, corpus_b,
+                                                                 tmp_path, capsys):
+    outs = []
+    for samples in (2, 1):  # one sweep over calibration samples, run as two experiments
+        config = {"model": str(checkpoint), "sources": [str(corpus), str(corpus_b)],
+                  "num_calibration": 2, "num_test": 2, "seq_len": 32, "batch_size": 2,
+                  "runs": [{"method": "wanda", "protocol": "restart", "pattern": "50%",
+                            "num_calibration": samples}]}
+        config_path = tmp_path / f"config-{samples}.json"
+        config_path.write_text(json.dumps(config))
+        outs.append(str(tmp_path / f"run-{samples}"))
+        assert main(["experiment", "--config", str(config_path), "--out", outs[-1]]) == 0
+    merged = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["report", *outs, "--out", str(merged)]) == 0
+    report = (merged / "report.md").read_text()
+    assert "wanda-restart 50% n=2" in report and "wanda-restart 50% n=1" in report
+    assert (merged / "bwt_vs_samples.png").stat().st_size > 0
+
+    assert main(["report", *outs]) == 2
+    assert "need --out" in capsys.readouterr().err
+    assert main(["report", outs[0], outs[0], "--out", str(merged)]) == 2
+    assert "more than one" in capsys.readouterr().err
+    other = json.loads((Path(outs[1]) / "results.json").read_text())
+    other["config"]["num_test"] = 3
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text(json.dumps(other))
+    assert main(["report", outs[0], str(tmp_path / "other"), "--out", str(merged)]) == 2
+    assert "differ in num_test" in capsys.readouterr().err
+
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["prune", "--model", str(tmp_path / "missing"), "--data", "wiki",
                  "--out", str(tmp_path / "out")]) == 2
