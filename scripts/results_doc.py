@@ -30,8 +30,8 @@ prunable.
 
 **Windows: the first four sections are PROTOCOL.md's standard protocol**, 32 calibration and 32
 test windows of 512 tokens per dataset: every method x protocol at 50% (runs/standard); at 2:4
-all but SparseGPT-joint (runs/standard-2of4); at 4:8 all but COPAL `max` (runs/standard-4of8;
-the rest of configs/standard-2of4.toml and standard-4of8.toml has not run yet); COPAL's default
+every method x protocol (runs/standard-2of4); at 4:8 all but COPAL `max` (runs/standard-4of8,
+where that row of its config has not run yet; it ran on the reduced windows); COPAL's default
 variant at all three patterns (runs/ablations-standard). A
 standard run takes 8-24 minutes on two cores. **Every other section uses 16 calibration and 16
 test windows of 256 tokens per dataset** (the main job's), to fit the 2-core CPU's time.
