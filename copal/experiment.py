@@ -76,7 +76,6 @@ def _write_json(path: Path, data: dict) -> None:
     write_atomically(path, lambda name: Path(name).write_text(text))
 
 
-
 def merge_results(parts: List[dict]) -> dict:
     """One results dict from several ``results.json`` dicts, e.g. a sweep split over two configs
     (Figure 3's 1..64 samples and its 128): every part's runs in order, each run's spec given
@@ -102,6 +101,7 @@ def merge_results(parts: List[dict]) -> dict:
     return {"config": first, "environment": parts[0]["environment"], "runs": runs,
             "dense": parts[0].get("dense"),
             "peak_rss_mb": max(part.get("peak_rss_mb", 0.0) for part in parts)}
+
 
 def run_experiment(config: ExperimentConfig, out_dir, log=print) -> dict:
     """Run every run of ``config``; results in ``out_dir``/results.json, report.md, plots, and

@@ -8,11 +8,11 @@
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from copal.atomic import write_atomically
 from copal.experiment import merge_results
 from copal.report import bwt_table, dense_table, make_plots, p_matrix_table
 
@@ -151,9 +151,8 @@ def main(directories, merges):
     old = target.read_text() if target.is_file() else ""
     if ANALYSIS_MARK in old:  # the hand-written analysis at the end survives a regeneration
         body.append(old[old.index(ANALYSIS_MARK):].rstrip())
-    staging = target.with_suffix(".md.tmp")
-    staging.write_text("\n\n".join(body) + "\n")
-    os.replace(staging, target)
+    text = "\n\n".join(body) + "\n"
+    write_atomically(target, lambda name: Path(name).write_text(text))
     print(target)
 
 

@@ -136,7 +136,6 @@ def test_state_round_trip(tmp_path):
                    {k: v for k, v in metadata.items() if k != "seq_len"})
 
 
-
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = write_atomically(tmp_path / "results.json", lambda name: Path(name).write_text("old"))
 
@@ -148,6 +147,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_atomically(path, half_write_then_fail)
     assert path.read_text() == "old"
     assert list(tmp_path.iterdir()) == [path]
+
 
 def test_run_spec_validation():
     with pytest.raises(ValueError, match="own protocol"):
