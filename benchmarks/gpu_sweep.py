@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass, window_input_bytes
-from copal.methods import Pattern, make_method
+from copal.methods import CopalOptions, Pattern, make_method
 from copal.phases import HostPeak, PhaseTimer, resident_bytes
 from copal.sweep import prune_sweep, release_pinned_cache, resolve_batch_size
 from copal.synthetic import SHAPES, SYNTHETIC_LABEL, synthetic_config, synthetic_model
@@ -128,7 +128,7 @@ def run_step(shape: str, blocks: int, pattern: str, samples: int, seq: int, batc
                                micro_batch=plan.micro_batch, segment=plan.segment,
                                timer=gradient_timer, desc="gradients")
         gradient_seconds = time.perf_counter() - start
-        method = make_method("copal", history={}, grad_norms=grads)
+        method = make_method("copal", history={}, grad_norms=grads, options=CopalOptions())
         prune_sweep(lm, windows, method, Pattern.parse(pattern), device=device,
                     batch_size=batch_size, on_block_done=offload, timer=sweep_timer, desc="sweep")
         _sync(device)

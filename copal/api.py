@@ -1,7 +1,12 @@
 """The user's verbs as Python functions: prune a checkpoint, continue a COPAL-pruned model with a
-new dataset, evaluate; and :class:`ContinualPruner` for a model already in memory. Checkpoints
-are streamed block by block: read lazily from the input's shards, written shard by shard into a
-staging directory that replaces the output at the end."""
+new dataset, evaluate; and :class:`ContinualPruner` for a model already in memory.
+
+Every verb checks everything it is given before the model's blocks are read or any output is
+created (the options against the method and pattern, the device, the output locations, the
+model's tensors and layer widths, the data and its windows), so bad input costs seconds and
+leaves nothing. Checkpoints are streamed block by block: read lazily from the input's shards,
+written shard by shard into a staging folder that replaces the output only when complete.
+"""
 
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -10,20 +15,59 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from .assets import resolve_model
-from .checkpoint import ShardWriter
-from .data import make_dataset
-from .evaluate import perplexities
+from .checkpoint import CheckpointError, ShardWriter
 from .continual import DenseWeights, RunSpec, copal_method, prune_step, state_metadata
-from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, LayerHistory,
-                      Pattern, make_method)
-from .model import LayeredModel, resolve_dtype
-from .state import load_state, save_state
+from .data import check_window_counts, make_dataset
+from .evaluate import perplexities
+from .methods import CopalOptions, LayerHistory, Pattern, make_method
+from .model import LayeredModel, check_execution, resolve_dtype
+from .outputs import check_output_dir, check_output_file, write_marker
+from .state import is_state_file, load_state, save_state
 from .sweep import prune_sweep
+from copal_kernels.machine import environment
+
+STATE_NAME = "copal-state.safetensors"
+# a calibrating method's windows when none are given (PROTOCOL.md's standard protocol)
+DEFAULT_WINDOWS = dict(num_calibration=32, seq_len=512, seed=0)
 
 
-def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, run_sweep):
-    """Run ``run_sweep(on_block_done)`` writing each finished block as a shard of ``out_dir``."""
-    writer = ShardWriter(out_dir, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
+def _tokenizer(model_dir: Path):
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{model_dir}: no usable tokenizer ({error})") from None
+
+
+def _copal_options(method: str, options: Optional[CopalOptions], pattern: Pattern):
+    """COPAL's options for ``method`` (defaults when None), or None; options given to another
+    method, or that ``pattern`` cannot honour, are refused."""
+    if method != "copal":
+        if options is not None:
+            raise ValueError(f"COPAL options ({', '.join(CopalOptions.FIELDS)}) apply to "
+                             f"--method copal only, not to {method}")
+        return None
+    options = options or CopalOptions()
+    options.check_pattern(pattern)
+    if options.step_weights is not None:
+        raise ValueError("fixed step_weights need every step's weight up front; copal prune and "
+                         "copal continue take one step at a time (use copal experiment)")
+    return options
+
+
+def _state_target(state_out, out: Path, *, overwrite: bool, protect) -> Path:
+    if state_out is None:
+        return out / STATE_NAME
+    return check_output_file(state_out, overwrite=overwrite, protect=protect,
+                             what="--state-out", is_ours=is_state_file)
+
+
+def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool, run_sweep,
+                  provenance: dict, state=None) -> Path:
+    """Run ``run_sweep(on_block_done)`` writing each finished block as a shard of ``out``; then
+    config, tokenizer, the provenance marker and ``state`` (``(path, history, metadata)``: into
+    the staging folder when the path lies in ``out``, else beside its target) before the
+    checkpoint is moved into place, so a checkpoint never lands without its state."""
+    writer = ShardWriter(out, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
     try:
         def write_block(index, block):
             prefix = lm.block_names[index]
@@ -38,6 +82,11 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, r
                 AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
             except (OSError, ValueError):
                 pass  # a checkpoint without a tokenizer stays without one
+            write_marker(staging, provenance)
+            if state is not None:
+                path, history, metadata = state
+                inside = path.parent == out or out in path.parents
+                save_state(staging / path.relative_to(out) if inside else path, history, metadata)
 
         return writer.finish(save_extra)
     except BaseException:
@@ -45,77 +94,163 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out_dir, overwrite: bool, r
         raise
 
 
-def prune_checkpoint(model: str, data: str, out_dir, *, method: str = "wanda", pattern: str = "50%",
-                     num_calibration: int = 32, seq_len: int = 512, seed: int = 0, device="cpu",
-                     batch_size="auto", dtype="auto", gradient: str = DEFAULT_GRADIENT,
-                     aggregation: str = DEFAULT_AGGREGATION,
-                     normalisation: str = DEFAULT_NORMALISATION,
-                     group: str = "row", offload_activations: bool = False,
-                     state_out=None, overwrite: bool = False, log=print) -> Path:
+def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = "wanda",
+                     pattern: str = "50%", options: Optional[CopalOptions] = None,
+                     num_calibration: Optional[int] = None, seq_len: Optional[int] = None,
+                     seed: Optional[int] = None, device="cpu", batch_size=None, dtype="auto",
+                     offload_activations: bool = False, state_out=None, overwrite: bool = False,
+                     log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration
-    windows and write the pruned checkpoint to ``out_dir``. For ``method="copal"`` this is step
-    1 and the state is written to ``state_out`` (default ``out_dir``/copal-state.safetensors).
-    ``offload_activations`` keeps the calibration activations in pinned host memory between
-    blocks (on a GPU; the device then holds one block and one chunk)."""
-    model_dir = resolve_model(model, progress=log)
+    windows and write the pruned checkpoint to ``out_dir``.
+
+    ``method="copal"`` is step 1 of a continual run: its state goes to ``state_out`` (default
+    ``out_dir``/copal-state.safetensors), written before the checkpoint lands; ``options``
+    (:class:`CopalOptions`) for COPAL only. ``magnitude`` takes no data and no calibration
+    option (``data``, ``num_calibration``, ``seq_len``, ``seed``, ``batch_size`` must be None);
+    other methods default to 32 windows of 512 tokens, seed 0. ``offload_activations`` keeps the
+    calibration activations in pinned host memory between blocks (GPU only).
+
+    Raises, before any work: ValueError (options), OutputError (``out_dir``, ``state_out``),
+    CheckpointError / UnsupportedModelError (the model), DataError (the data)."""
     parsed = Pattern.parse(pattern)
+    options = _copal_options(method, options, parsed)
+    calibration = dict(num_calibration=num_calibration, seq_len=seq_len, seed=seed,
+                       batch_size=batch_size)
+    if method == "magnitude":
+        given = [key for key, value in dict(calibration, data=data).items() if value is not None]
+        if given:
+            raise ValueError(f"magnitude prunes by |W| alone: {', '.join(given)} do(es) not "
+                             "apply to it")
+        windows = None
+    else:
+        if data is None:
+            raise ValueError(f"{method} calibrates on data: give a source")
+        windows = {key: DEFAULT_WINDOWS[key] if calibration[key] is None else calibration[key]
+                   for key in DEFAULT_WINDOWS}
+        if windows["num_calibration"] < 1:
+            raise ValueError(f"num_calibration must be at least 1, got {windows['num_calibration']}")
+        check_window_counts(num_test=0, **{k: windows[k] for k in ("num_calibration", "seq_len")})
+    batch_size = "auto" if batch_size is None else batch_size
+    check_execution(device=device, dtype=dtype, batch_size=batch_size,
+                    offload_activations=offload_activations)
+    model_dir = resolve_model(model, progress=log)
+    out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir])
+    state_path = None
+    if method == "copal":
+        state_path = _state_target(state_out, out, overwrite=overwrite, protect=[model_dir])
+    elif state_out is not None:
+        raise ValueError("--state-out: only --method copal writes a state")
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = make_dataset(data, tokenizer, num_calibration=num_calibration, num_test=0,
-                           seq_len=seq_len, seed=seed)
+    lm.check_pattern(parsed)
+    dataset = None
+    if windows is not None:
+        lm.check_seq_len(windows["seq_len"])
+        dataset = make_dataset(data, _tokenizer(model_dir), num_test=0, **windows)
+    fingerprint = lm.fingerprint()
     history: Dict[str, LayerHistory] = {}
     if method == "copal":
-        pruner = copal_method(lm, history, dataset.calibration, gradient=gradient,
-                              aggregation=aggregation, normalisation=normalisation, group=group,
-                              device=device, batch_size=batch_size)
+        pruner = copal_method(lm, history, dataset.calibration, options, device=device,
+                              batch_size=batch_size)
     else:
         pruner = make_method(method)
-    log(f"pruning {model_dir} with {method} at {parsed} on {data} "
-        f"({len(dataset.calibration)} windows of {seq_len} tokens)")
-    out = _write_pruned(lm, model_dir, out_dir, overwrite, lambda done: prune_sweep(
-        lm, dataset.calibration, pruner, parsed, device=device, batch_size=batch_size,
-        offload_activations=offload_activations, on_block_done=done))
+    provenance = dict(verb="prune", method=method, pattern=parsed.exact,
+                      options=options.to_dict() if options else None,
+                      datasets=[data] if data is not None else [], windows=windows,
+                      input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
+                      environment=environment())
+    state = None
     if method == "copal":
-        state_path = Path(state_out) if state_out else out / "copal-state.safetensors"
-        spec = RunSpec("copal", "continual", str(parsed), aggregation=aggregation,
-                       gradient=gradient, normalisation=normalisation, group=group)
-        save_state(state_path, history, state_metadata(
-            Path(model_dir).resolve(), [data], spec, num_calibration=num_calibration,
-            seq_len=seq_len, seed=seed))
+        state = (state_path, history, state_metadata(
+            Path(model_dir).resolve(), fingerprint, [data], options, parsed,
+            num_calibration=windows["num_calibration"], seq_len=windows["seq_len"],
+            seed=windows["seed"]))
+    calibration_windows = dataset.calibration if dataset is not None else torch.empty(0, 1)
+    log(f"pruning {model_dir} with {method} at {parsed}"
+        + (f" on {data} ({len(calibration_windows)} windows of {windows['seq_len']} tokens)"
+           if dataset is not None else ""))
+    out = _write_pruned(lm, model_dir, out, overwrite, lambda done: prune_sweep(
+        lm, calibration_windows, pruner, parsed, device=device, batch_size=batch_size,
+        offload_activations=offload_activations, on_block_done=done), provenance, state)
+    if state_path is not None:
         log(f"COPAL state {state_path}")
     log(f"pruned checkpoint {out}")
     return out
 
 
-def continue_checkpoint(state: str, data: str, out_dir, *, device="cpu", batch_size="auto",
-                        dtype="auto", offload_activations: bool = False, state_out=None,
+def _check_history_fits(history: Dict[str, LayerHistory], lm: LayeredModel, state) -> None:
+    """The state's layers are exactly the model's prunable layers, with their widths."""
+    expected = {}
+    for index, block in enumerate(lm.blocks):
+        for name, linear in lm.linears(block).items():
+            expected[f"{index}.{name}"] = (linear.in_features, linear.out_features)
+    missing = sorted(set(expected) - set(history))
+    extra = sorted(set(history) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{state}: the state's layers do not match the model's {lm.num_blocks} blocks"
+            + (f"; the model's {missing[0]} (and {len(missing) - 1} more) is not in it" if missing else "")
+            + (f"; its {extra[0]} (and {len(extra) - 1} more) is not in the model" if extra else ""))
+    for key, (in_features, out_features) in expected.items():
+        layer = history[key]
+        if any(v.numel() != in_features for v in layer.acts) or any(
+                v.numel() != out_features for v in layer.grads):
+            raise ValueError(f"{state}: layer {key} has vectors of another width than the model's "
+                             f"[{out_features}, {in_features}]")
+
+
+def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] = None,
+                        device="cpu", batch_size="auto", dtype="auto",
+                        offload_activations: bool = False, state_out=None,
                         overwrite: bool = False, log=print) -> Path:
     """Add dataset ``data`` to a COPAL run from its saved state alone (no past data): masks are
-    recomputed from the dense model named in the state with the importance of every step."""
+    recomputed from the dense model with the importance of every step.
+
+    The dense model is the one the state names, or ``model`` (where it is now); either way its
+    fingerprint (weights and architecture) must be the state's, and the state's layers must be
+    the model's. The pattern, options and window definition come from the state. Raises, before
+    any work: ValueError, OutputError, CheckpointError, DataError."""
+    check_execution(device=device, dtype=dtype, batch_size=batch_size,
+                    offload_activations=offload_activations)
     history, meta = load_state(state)
     if meta["step_weights"]:
         raise ValueError(f"{state}: made with fixed step weights lambda={meta['step_weights']} "
                          "for its steps; continuing it would need one more, which copal "
                          "continue does not take")
-    model_dir = Path(meta["model"])
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"the state's dense model {model_dir} is gone")
-    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = make_dataset(data, tokenizer, num_calibration=meta["num_calibration"], num_test=0,
-                           seq_len=meta["seq_len"], seed=meta["seed"])
-    pruner = copal_method(lm, history, dataset.calibration, gradient=meta["gradient"],
-                          aggregation=meta["aggregation"],
-                          normalisation=meta["normalisation"], group=meta["group"],
-                          device=device, batch_size=batch_size)
+    options = CopalOptions.from_dict({key: meta[key] for key in CopalOptions.FIELDS})
     pattern = Pattern.parse(meta["pattern"])
+    if model is None:
+        model_dir = Path(meta["model"])
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"the state's dense model {model_dir} is gone; pass --model "
+                                    "with where it is now")
+    else:
+        model_dir = resolve_model(model, progress=log)
+    out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir])
+    state_path = _state_target(state_out, out, overwrite=overwrite,
+                               protect=[model_dir, Path(state)])
+    lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
+    lm.check_pattern(pattern)
+    lm.check_seq_len(meta["seq_len"])
+    _check_history_fits(history, lm, state)
+    fingerprint = lm.fingerprint()
+    if fingerprint != meta["model_fingerprint"]:
+        raise ValueError(f"{model_dir} is not the dense model the state {state} was made from "
+                         f"(fingerprint {fingerprint[:12]}, the state's {meta['model_fingerprint'][:12]}); "
+                         "pass --model with that model")
+    windows = {key: meta[key] for key in ("num_calibration", "seq_len", "seed")}
+    dataset = make_dataset(data, _tokenizer(model_dir), num_test=0, **windows)
+    pruner = copal_method(lm, history, dataset.calibration, options, device=device,
+                          batch_size=batch_size)
     log(f"COPAL step {len(meta['datasets']) + 1} on {data} after {', '.join(meta['datasets'])}")
-    out = _write_pruned(lm, model_dir, out_dir, overwrite, lambda done: prune_sweep(
+    meta = dict(meta, datasets=meta["datasets"] + [data], model=str(Path(model_dir).resolve()))
+    provenance = dict(verb="continue", method="copal", pattern=pattern.exact,
+                      options=options.to_dict(), datasets=meta["datasets"], windows=windows,
+                      input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
+                      state=str(Path(state).resolve()), environment=environment())
+    out = _write_pruned(lm, model_dir, out, overwrite, lambda done: prune_sweep(
         lm, dataset.calibration, pruner, pattern, device=device, batch_size=batch_size,
-        offload_activations=offload_activations, on_block_done=done))
-    meta["datasets"] = meta["datasets"] + [data]
-    state_path = Path(state_out) if state_out else out / "copal-state.safetensors"
-    save_state(state_path, history, meta)
+        offload_activations=offload_activations, on_block_done=done), provenance,
+        (state_path, history, meta))
     log(f"COPAL state {state_path}\npruned checkpoint {out}")
     return out
 
@@ -124,14 +259,30 @@ def evaluate_checkpoint(model: str, sources: List[str], *, num_test: int = 32, s
                         device="cpu", batch_size="auto", dtype="auto",
                         offload_activations: bool = False,
                         tokenizer_from: Optional[str] = None) -> Dict[str, float]:
-    """Perplexity of a checkpoint on each source's test windows, streamed block by block."""
+    """Perplexity of a checkpoint on each source's test windows, streamed block by block.
+    Raises ValueError where the model's perplexity is not a number (NaN/Inf logits)."""
+    check_window_counts(num_calibration=0, num_test=num_test, seq_len=seq_len)
+    if num_test < 1:
+        raise ValueError(f"num_test must be at least 1, got {num_test}")
+    check_execution(device=device, dtype=dtype, batch_size=batch_size,
+                    offload_activations=offload_activations)
     model_dir = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or model_dir)
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
+    lm.check_seq_len(seq_len)
+    tokenizer = _tokenizer(Path(tokenizer_from) if tokenizer_from else model_dir)
     tests = {s: make_dataset(s, tokenizer, num_calibration=0, num_test=num_test,
                              seq_len=seq_len).test for s in sources}
     return perplexities(lm, tests, device=device, batch_size=batch_size,
                         offload_activations=offload_activations)
+
+
+def _check_on_host(model) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.device.type != "cpu":
+            raise ValueError(
+                f"ContinualPruner takes a model held on the host and moves one block at a time to "
+                f"its device; {name} is on {tensor.device}. Load the model on the CPU (no "
+                "device_map), or prune its checkpoint with prune_checkpoint")
 
 
 class ContinualPruner:
@@ -142,19 +293,30 @@ class ContinualPruner:
         pruner.step(windows_b)
         pruner.save_state("state.safetensors", datasets=["a", "b"])
 
-    ``model``: a LLaMA-family ``PreTrainedModel`` (LLaMA, Mistral, Qwen2), on the host. A host
-    copy of its dense weights is kept for every protocol but cascade (restart, joint and COPAL
-    start each step from W0); joint also keeps every step's windows. COPAL keeps only its state.
+    ``model``: a LLaMA-family ``PreTrainedModel`` (LLaMA, Mistral, Qwen2) whose tensors are all
+    on the host (ValueError otherwise); ``device`` is where its blocks are pruned, one at a
+    time. A host copy of its dense weights is kept for every protocol but cascade (restart,
+    joint and COPAL start each step from W0); joint also keeps every step's windows. COPAL keeps
+    its state. A step that fails restores the model (and the state) to what they were before
+    it: it holds a host copy of the weights until it completes.
     """
 
     def __init__(self, model, *, method: str = "copal", protocol: Optional[str] = None,
-                 pattern: str = "50%", device="cpu", batch_size="auto",
-                 offload_activations: bool = False, **copal_options):
+                 pattern: str = "50%", options: Optional[CopalOptions] = None, device="cpu",
+                 batch_size="auto", offload_activations: bool = False):
+        check_execution(device=device, batch_size=batch_size,
+                        offload_activations=offload_activations)
         protocol = protocol or ("continual" if method == "copal" else "restart")
-        self.spec = RunSpec(method, protocol, pattern, **copal_options)
+        self.spec = RunSpec(method, protocol, pattern, options)
         self.pattern = Pattern.parse(pattern)
+        if self.spec.options is not None and self.spec.options.step_weights is not None:
+            raise ValueError("fixed step_weights need every step's weight up front; a "
+                             "ContinualPruner takes one step at a time")
+        _check_on_host(model)
         self.lm = LayeredModel.from_model(model)
+        self.lm.check_pattern(self.pattern)
         self.dense = None if protocol == "cascade" else DenseWeights.snapshot(self.lm)
+        self.model_fingerprint = self.lm.fingerprint() if method == "copal" else None
         self.history: Dict[str, LayerHistory] = {}
         self.joint_windows: List[torch.Tensor] = []  # joint only: every step's windows
         self.steps = 0
@@ -162,22 +324,54 @@ class ContinualPruner:
         self.options = dict(device=device, batch_size=batch_size, offload=offload_activations)
 
     def step(self, windows: torch.Tensor, desc: Optional[str] = None) -> None:
-        """Prune the model in place for one more dataset; ``windows``: int64 [n, seq_len]."""
-        if windows.dim() != 2 or windows.shape[0] == 0 or windows.dtype != torch.long:
-            raise ValueError(f"windows must be int64 [n >= 1, seq_len], got {windows.dtype} "
-                             f"{list(windows.shape)}")
-        self.steps += 1
-        self.window_shape = tuple(windows.shape)
+        """Prune the model in place for one more dataset; ``windows``: int64 [n, seq_len] token
+        ids of the model's vocabulary. On any error (or interruption) the model and the state
+        are as they were before the call."""
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] == 0 \
+                or windows.dtype != torch.long:
+            shape = list(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+            raise ValueError(f"windows must be int64 [n >= 1, seq_len], got "
+                             f"{getattr(windows, 'dtype', '')} {shape}")
+        vocab = self.lm.embed.num_embeddings
+        if int(windows.min()) < 0 or int(windows.max()) >= vocab:
+            raise ValueError(f"windows hold token ids in [{int(windows.min())}, "
+                             f"{int(windows.max())}]; the model's vocabulary is [0, {vocab})")
+        check_window_counts(num_calibration=len(windows), num_test=0, seq_len=windows.shape[1])
+        self.lm.check_seq_len(windows.shape[1])
+        previous = [{k: v.clone() for k, v in self.lm.block_state(i).items()}
+                    for i in range(self.lm.num_blocks)]
+        lengths = {key: len(layer.acts) for key, layer in self.history.items()}
+        try:
+            calibration = torch.cat(self.joint_windows + [windows]) \
+                if self.spec.protocol == "joint" else windows
+            prune_step(self.lm, self.dense, self.history, calibration, self.pattern, self.spec,
+                       desc=desc or f"{self.spec.label} step {self.steps + 1}", **self.options)
+        except BaseException:
+            for key in list(self.history):
+                layer = self.history[key]
+                if key not in lengths:
+                    del self.history[key]
+                else:
+                    del layer.acts[lengths[key]:], layer.grads[lengths[key]:]
+            for block, state in zip(self.lm.blocks, previous):
+                block.to("cpu").load_state_dict(state, strict=True)
+            raise
         if self.spec.protocol == "joint":
             self.joint_windows.append(windows)
-            windows = torch.cat(self.joint_windows)
-        prune_step(self.lm, self.dense, self.history, windows, self.pattern, self.spec,
-                   desc=desc or f"{self.spec.label} step {self.steps}", **self.options)
+        self.steps += 1
+        self.window_shape = tuple(windows.shape)
 
-    def save_state(self, path, *, datasets: List[str], seed: Optional[int] = None) -> Path:
-        """COPAL's state after the steps so far (``datasets``: their names, in order)."""
+    def save_state(self, path, *, datasets: List[str], seed: Optional[int] = None,
+                   overwrite: bool = False) -> Path:
+        """COPAL's state after the steps so far (``datasets``: their names, in order), written
+        atomically; an existing file is replaced only with ``overwrite`` and if it is a state."""
         if self.spec.method != "copal" or not self.history:
             raise ValueError("only a COPAL pruner with at least one step has a state")
-        return save_state(path, self.history, state_metadata(
-            getattr(self.lm.model.config, "_name_or_path", ""), datasets, self.spec,
-            num_calibration=self.window_shape[0], seq_len=self.window_shape[1], seed=seed))
+        if len(datasets) != self.steps:
+            raise ValueError(f"datasets names {len(datasets)} dataset(s) for {self.steps} step(s)")
+        target = check_output_file(path, overwrite=overwrite, what="state file",
+                                   is_ours=is_state_file)
+        return save_state(target, self.history, state_metadata(
+            getattr(self.lm.model.config, "_name_or_path", ""), self.model_fingerprint, datasets,
+            self.spec.options, self.pattern, num_calibration=self.window_shape[0],
+            seq_len=self.window_shape[1], seed=seed))

@@ -3,9 +3,6 @@ model shard by shard, atomically. The input directory is only ever read."""
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -14,12 +11,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_atomically
+from .outputs import WorkDir, check_output_dir, replace_directory
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be used as asked (missing, corrupt, already taken)."""
+
+
+def _read_weight_map(index: Path) -> Dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{index}: not a valid JSON index ({error})") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{index}: no \"weight_map\" in the index") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard files")
+    outside = sorted({s for s in weight_map.values() if Path(s).name != s})
+    if outside:
+        raise CheckpointError(f"{index}: shard names must be file names in the checkpoint, got "
+                              f"{', '.join(outside)}")
+    return weight_map
 
 
 class ShardReader:
@@ -32,7 +49,7 @@ class ShardReader:
             raise CheckpointError(f"{self.directory}: no config.json, not a Hugging Face checkpoint")
         index = self.directory / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
         elif (self.directory / SINGLE_NAME).is_file():
             weight_map = None
         else:
@@ -46,6 +63,29 @@ class ShardReader:
         if missing:
             raise CheckpointError(f"{self.directory}: missing shard(s) {', '.join(missing)}")
         self.weight_map: Dict[str, str] = weight_map
+
+    def shape(self, name: str) -> List[int]:
+        """A tensor's shape from its shard's header (no data is read)."""
+        with self._open(self.weight_map[name]) as handle:
+            return list(handle.get_slice(name).get_shape())
+
+    def tensor_digests(self, names: Iterable[str]) -> Dict[str, str]:
+        """{name: :func:`tensor_digest`} of the named tensors, hashing each shard they are in
+        once (then cached while the file is unchanged)."""
+        names = list(names)
+        by_shard: Dict[str, List[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"{self.directory}: tensor {name!r} is in no shard")
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        digests = {}
+        for shard in by_shard:
+            def read_all(shard=shard):
+                with self._open(shard) as handle:
+                    return {name: tensor_digest(handle.get_tensor(name)) for name in handle.keys()}
+
+            digests.update(_shard_digests(self.directory / shard, read_all))
+        return {name: digests[name] for name in names}
 
     def _open(self, shard):
         try:
@@ -76,45 +116,70 @@ class ShardReader:
         return tensors
 
 
-def fingerprint(directory) -> str:
-    """A short digest of a checkpoint's config and tensor index (which model this is)."""
-    directory = Path(directory)
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    for name in (INDEX_NAME, SINGLE_NAME):
-        path = directory / name
-        if path.is_file():
-            digest.update(name.encode())
-            digest.update(str(path.stat().st_size).encode() if name == SINGLE_NAME else path.read_bytes())
-    return digest.hexdigest()[:16]
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's shape and values as fp32 (exact for fp16/bf16), whatever its dtype."""
+    values = tensor.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(str(list(values.shape)).encode())
+    digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+    return digest.hexdigest()
+
+
+def _shard_digests(path: Path, read_all) -> Dict[str, str]:
+    """{tensor: tensor_digest} of one shard, cached under ``$COPAL_HOME`` by the file's identity
+    on disk (device, inode, size, modification and change times: a rewrite, copy or swap changes
+    the change time), so a model is hashed once, not at every verb."""
+    from .data import cache_dir  # data imports nothing of the checkpoint layer
+
+    stat = path.stat()
+    identity = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    cache = cache_dir() / "digests" / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+                                       + ".json")
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["identity"] == identity:
+            return cached["tensors"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tensors = read_all()
+    write_atomically(cache, lambda name: Path(name).write_text(
+        json.dumps({"identity": identity, "tensors": tensors})))
+    return tensors
+
+
+def read_config_json(directory) -> dict:
+    """The parsed config.json of a checkpoint directory, or a one-line CheckpointError."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no config.json, not a Hugging Face checkpoint") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a valid JSON config ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config
 
 
 class ShardWriter:
-    """Writes a checkpoint shard by shard into a temporary directory beside ``directory`` and
+    """Writes a checkpoint shard by shard into a hidden staging folder beside ``directory`` and
     moves it into place on :meth:`finish`, so a reader never sees half a model.
 
     Shards are named ``model-00001-of-0000N.safetensors`` with N fixed up front (one shard per
     decoder block plus one for everything else), and an index maps every tensor to its shard.
+    The staging folder is a :class:`copal.outputs.WorkDir`: a writer that is killed leaves it
+    behind unclaimed, and the next writer beside it removes it.
     """
+
+    STAGING_PREFIX = ".{name}.copal-staging-"
 
     def __init__(self, directory, num_shards: int, *, overwrite: bool = False, protect=()):
         """``protect``: input directories that the output may neither be, lie inside, nor
-        contain (``overwrite`` would otherwise delete them)."""
-        self.directory = Path(directory)
-        target = self.directory.resolve()
-        for kept in map(Path, protect):
-            source = kept.resolve()
-            if target == source or source in target.parents or target in source.parents:
-                raise CheckpointError(
-                    f"output {self.directory} would overwrite or sit inside the input {kept}; "
-                    "choose an output directory outside it"
-                )
-        if self.directory.exists() and any(self.directory.iterdir()) and not overwrite:
-            raise CheckpointError(
-                f"{self.directory} already exists and is not empty; choose another output "
-                "directory or pass overwrite"
-            )
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+        contain. Raises :class:`copal.outputs.OutputError` (see
+        :func:`copal.outputs.check_output_dir`)."""
+        self.directory = check_output_dir(directory, overwrite=overwrite, protect=protect)
+        self.work = WorkDir(self.directory.parent,
+                            self.STAGING_PREFIX.format(name=self.directory.name))
+        self.staging = self.work.path
         self.num_shards = num_shards
         self.weight_map: Dict[str, str] = {}
         self.total_size = 0
@@ -143,26 +208,23 @@ class ShardWriter:
             pending, self._pending = self._pending, None
             pending.result()  # a failed write raises here
 
-    def write_file(self, relative: str, content: bytes) -> None:
-        (self.staging / relative).write_bytes(content)
-
     def finish(self, save_extra) -> Path:
-        """Write the index, let ``save_extra(staging_dir)`` add config/tokenizer, then move the
-        staging directory into place."""
+        """Write the index, let ``save_extra(staging_dir)`` add config, tokenizer, marker and
+        anything else, then move the staging folder into place (an old output, checked to be
+        this project's, is removed only once the new one is there)."""
         self._wait()
         self._writer.shutdown()
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
         save_extra(self.staging)
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        os.replace(self.staging, self.directory)
+        replace_directory(self.staging, self.directory)
+        self.work.release(remove=False)
         return self.directory
 
     def abort(self) -> None:
         try:
             self._wait()
         except Exception:
-            pass  # the staging directory goes anyway
+            pass  # the staging folder goes anyway
         self._writer.shutdown()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.work.release()

@@ -112,22 +112,38 @@ SOURCES: Dict[str, Callable[[], str]] = {
 }
 
 
+def read_text_file(path: Path) -> str:
+    """A local file's text: UTF-8, not compressed, not binary (DataError naming the file)."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        raise DataError(f"{path}: a gzip-compressed file; decompress it first (gunzip -k)")
+    if b"\x00" in data[:1 << 20]:
+        raise DataError(f"{path}: a binary file (it holds NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); convert "
+                        "it first, e.g. iconv -t UTF-8") from None
+
+
+def _text_files(path: Path) -> list:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise DataError(f"{path}: a folder with no .txt files")
+        return files
+    raise DataError(f"unknown source {str(path)!r}: not one of {', '.join(SOURCES)} "
+                    "and not an existing file or folder")
+
+
 def load_text(source: str) -> str:
     """The raw text of a registered corpus or of a local file / folder of .txt files."""
     if source in SOURCES:
         text = SOURCES[source]()
     else:
-        path = Path(source)
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-        elif path.is_dir():
-            files = sorted(path.rglob("*.txt"))
-            if not files:
-                raise DataError(f"{path}: a folder with no .txt files")
-            text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-        else:
-            raise DataError(f"unknown source {source!r}: not one of {', '.join(SOURCES)} "
-                            "and not an existing file or folder")
+        text = "\n\n".join(read_text_file(f) for f in _text_files(Path(source)))
     if not text.strip():
         raise DataError(f"source {source!r} is empty")
     return text
@@ -138,11 +154,8 @@ def source_id(source: str) -> str:
     if source in SOURCES:
         return source
     path = Path(source)
-    if not path.exists():
-        load_text(source)  # raises the unknown-source error
     digest = hashlib.sha256()
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    for f in files:
+    for f in _text_files(path):
         digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         digest.update(f.read_bytes())
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.name)}-{digest.hexdigest()[:10]}"
@@ -172,22 +185,51 @@ class Dataset:
     test: torch.Tensor  # int64 [num_test, seq_len]
 
 
+def check_window_counts(*, num_calibration: int, num_test: int, seq_len: int) -> None:
+    """Counts and lengths a run can serve: ``num_calibration`` and ``num_test`` >= 0 (0: none
+    wanted), ``seq_len`` >= 2 (a window must predict a token). ValueError otherwise."""
+    for name, value, least in (("num_calibration", num_calibration, 0),
+                               ("num_test", num_test, 0), ("seq_len", seq_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def make_dataset(source: str, tokenizer, *, num_calibration: int = 32, num_test: int = 32,
                  seq_len: int = 512, seed: int = 0) -> Dataset:
-    """The standard protocol's windows of one source (PROTOCOL.md)."""
+    """The standard protocol's windows of one source (PROTOCOL.md). A source that cannot give
+    ``num_calibration`` distinct calibration windows (their seeded start offsets repeat) or
+    ``num_test`` test windows is refused with DataError, never served with fewer."""
+    check_window_counts(num_calibration=num_calibration, num_test=num_test, seq_len=seq_len)
     ids = tokenize_corpus(source, tokenizer)
     split = int(0.9 * len(ids))
     train, test = ids[:split], ids[split:]
-    if len(train) <= seq_len:
+    if num_calibration and len(train) <= seq_len:
         raise DataError(f"{source}: {len(train)} training tokens, need more than {seq_len}")
-    if len(test) < seq_len:
+    if num_test and len(test) < seq_len:
         raise DataError(f"{source}: {len(test)} test tokens, need at least {seq_len}")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(train) - seq_len, (num_calibration,), generator=generator)
-    calibration = torch.stack([train[s:s + seq_len] for s in starts.tolist()]) if num_calibration else \
-        torch.empty(0, seq_len, dtype=torch.int64)
+    calibration = torch.empty(0, seq_len, dtype=torch.int64)
+    if num_calibration:
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(train) - seq_len, (num_calibration,), generator=generator)
+        distinct = len(set(starts.tolist()))
+        if distinct < num_calibration:
+            raise DataError(
+                f"{source}: {num_calibration} calibration windows of {seq_len} tokens drawn with "
+                f"seed {seed} from {len(train)} training tokens give only {distinct} distinct "
+                "windows; ask for fewer or shorter windows, another seed, or give more text")
+        calibration = torch.stack([train[s:s + seq_len] for s in starts.tolist()])
     available = len(test) // seq_len
-    test_windows = test[: min(num_test, available) * seq_len].reshape(-1, seq_len)
+    if num_test > available:
+        raise DataError(f"{source}: its test split ({len(test)} tokens) holds {available} "
+                        f"windows of {seq_len} tokens, not {num_test}; ask for at most {available}")
+    test_windows = test[: num_test * seq_len].reshape(-1, seq_len)
     return Dataset(name=source, calibration=calibration, test=test_windows)
 
 
+def windows_digest(dataset: Dataset) -> str:
+    """What a dataset's numbers depend on: its calibration and test token windows."""
+    digest = hashlib.sha256()
+    for windows in (dataset.calibration, dataset.test):
+        digest.update(str(list(windows.shape)).encode())
+        digest.update(windows.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]

@@ -5,9 +5,9 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .model import LayeredModel
+from .phases import progress
 from .sweep import BlockStates, embed_windows, resolve_batch_size, run_blocks, stream_blocks
 
 
@@ -15,7 +15,8 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
                  batch_size="auto", block_states: BlockStates = None,
                  offload_activations: bool = False, desc: str = "evaluate") -> Dict[str, float]:
     """exp(mean next-token NLL over all predicted tokens) of each set of windows [N, S]; all sets
-    go through each block together, so every block is loaded once."""
+    go through each block together, so every block is loaded once. A perplexity that is not a
+    finite number (NaN or Inf logits) raises ValueError naming the set."""
     names = list(test_sets)
     windows = torch.cat([test_sets[n] for n in names])
     batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
@@ -23,7 +24,7 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
     chunks = embed_windows(lm, windows, device, batch_size, offload_activations)
     with torch.no_grad():
         blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states)
-        for index, block in tqdm(blocks, total=lm.num_blocks, desc=desc, unit="block", leave=False):
+        for index, block in progress(blocks, total=lm.num_blocks, desc=desc, unit="block"):
             chunks = run_blocks(lm, block, chunks, device, offload_activations)
             lm.unload_block(index)
         lm.norm.to(device)
@@ -38,7 +39,12 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
             nll.index_add_(0, owner, per_window.sum(1))
             count.index_add_(0, owner, torch.full((len(ids),), float(per_window.shape[1]),
                                                   dtype=torch.float64))
-    return {name: math.exp(float(nll[i] / count[i])) for i, name in enumerate(names)}
+    result = {name: math.exp(float(nll[i] / count[i])) for i, name in enumerate(names)}
+    broken = [name for name, value in result.items() if not math.isfinite(value)]
+    if broken:
+        raise ValueError(f"perplexity on {', '.join(broken)} is {result[broken[0]]}: the model "
+                         "gives NaN or Inf logits")
+    return result
 
 
 def bwt(matrix: List[List[float]]) -> Dict[str, float]:

@@ -21,12 +21,11 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import copal_kernels as ck
 
 from .model import LayeredModel
-from .phases import phase
+from .phases import phase, progress
 from .sweep import (BlockStates, embed_windows, park, release_pinned_cache, resolve_batch_size,
                     run_blocks, stream_blocks)
 
@@ -134,8 +133,8 @@ def _round(lm, windows, segment, sums, predicted, *, device, batch_size, block_s
     kept: Dict[int, list] = {}
     with torch.no_grad():
         blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states, timer)
-        for index, block in tqdm(blocks, total=lm.num_blocks, desc=f"{desc} (forward)",
-                                 unit="block", leave=False):
+        for index, block in progress(blocks, total=lm.num_blocks, desc=f"{desc} (forward)",
+                                 unit="block"):
             with phase(timer, "gradient forward"):
                 if index % segment == 0:
                     kept[index] = [park(h, offload) for h in chunks]
@@ -157,8 +156,8 @@ def _round(lm, windows, segment, sums, predicted, *, device, batch_size, block_s
 
     order = _backward_order(lm.num_blocks, segment)
     blocks = stream_blocks(lm, [index for index, _ in order], device, block_states, timer)
-    for (index, block), (_, role) in tqdm(zip(blocks, order), total=len(order),
-                                          desc=f"{desc} (backward)", unit="block", leave=False):
+    for (index, block), (_, role) in progress(zip(blocks, order), total=len(order),
+                                          desc=f"{desc} (backward)", unit="block"):
         if role == "recompute":  # the next block's input, from this one's
             with phase(timer, "gradient recompute"), torch.no_grad():
                 outputs = run_blocks(lm, block, kept[index], device)

@@ -6,9 +6,10 @@ and ``prune_block`` (turn the statistics into masks through copal_kernels and ap
 """
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,7 +45,14 @@ class Pattern:
         return cls("unstructured", sparsity=value)
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.sparsity:.0%}"
+        """For people: ``2:4``, ``50%``, ``62.5%`` (six significant digits)."""
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.sparsity * 100:g}%"
+
+    @property
+    def exact(self) -> str:
+        """For files: ``2:4`` or the sparsity's shortest exact decimal (``0.625``), which
+        :meth:`parse` turns back into the same pattern bit for bit."""
+        return f"{self.n}:{self.m}" if self.kind == "nm" else repr(self.sparsity)
 
     def check_layer(self, name: str, in_features: int) -> None:
         if self.kind == "nm" and in_features % self.m:
@@ -100,6 +108,19 @@ class Method:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def naming_layer(block_index: int, name: str):
+    """Errors raised while pruning one layer name it (a NaN in block 17's down_proj is found
+    there, not in a bare "weight contains NaN or Inf")."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as error:
+        raise ValueError(f"block {block_index} {name}: the Hessian is not positive definite even "
+                         f"with dampening (NaN or Inf in the calibration inputs?): {error}") from None
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"block {block_index} {name}: {error}") from None
+
+
 def _prune(weight: torch.Tensor, pattern: Pattern, grads=None, acts=None, group="row", **kw):
     if pattern.kind == "nm":
         ck.nm_prune_(weight, grads, acts, n=pattern.n, m=pattern.m, **kw)
@@ -114,8 +135,9 @@ class Magnitude(Method):
     needs_acts = False
 
     def prune_block(self, block_index, linears, stats, pattern):
-        for linear in linears.values():
-            _prune(linear.weight.data, pattern, group="layer")
+        for name, linear in linears.items():
+            with naming_layer(block_index, name):
+                _prune(linear.weight.data, pattern, group="layer")
 
 
 class Wanda(Method):
@@ -126,7 +148,8 @@ class Wanda(Method):
     def prune_block(self, block_index, linears, stats, pattern):
         for name, linear in linears.items():
             scaler_row = stats[name].act_sumsq / max(stats[name].samples, 1)
-            _prune(linear.weight.data, pattern, None, torch.sqrt(scaler_row))
+            with naming_layer(block_index, name):
+                _prune(linear.weight.data, pattern, None, torch.sqrt(scaler_row))
 
 
 class SparseGPT(Method):
@@ -142,7 +165,12 @@ class SparseGPT(Method):
     def prune_block(self, block_index, linears, stats, pattern):
         for name, linear in linears.items():
             hessian = stats[name].gram * (2.0 / max(stats[name].tokens, 1))
-            linear.weight.data.copy_(self.prune_layer(linear.weight.data, hessian, pattern))
+            with naming_layer(block_index, name):
+                if not bool(torch.isfinite(linear.weight.data).all()):
+                    raise ValueError("weight contains NaN or Inf")
+                if not bool(torch.isfinite(hessian).all()):
+                    raise ValueError("the Hessian contains NaN or Inf (from the calibration inputs)")
+                linear.weight.data.copy_(self.prune_layer(linear.weight.data, hessian, pattern))
 
     def prune_layer(self, weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern):
         W = weight.to(torch.float32).clone()
@@ -209,10 +237,81 @@ DEFAULT_GRADIENT = "none"
 DEFAULT_NORMALISATION = "none"
 
 
+GROUPS = ("row", "layer")
+
+
+@dataclass(frozen=True)
+class CopalOptions:
+    """COPAL's options, one object from the CLI, the config and the API to the method, the state's
+    metadata and the report (METHOD.md, "Importance update"; defaults: see DEFAULT_*).
+
+    aggregation: how the steps combine (``sum``: METHOD.md; ``max``; ``sumsq``: the sum of the
+    squared terms). gradient: ``lm`` (METHOD.md's gradient pass over the dense model) or
+    ``none`` (g = 1). normalisation: ``mean`` (each step's norms divided by their mean,
+    METHOD.md) or ``none`` (raw). group: ``row`` or ``layer`` comparison groups (unstructured
+    patterns only). step_weights: lambda_s per step, one per dataset of the run, or None (all 1).
+    Every value is checked here; :meth:`check_pattern` refuses what a pattern cannot honour.
+    """
+
+    aggregation: str = DEFAULT_AGGREGATION
+    gradient: str = DEFAULT_GRADIENT
+    normalisation: str = DEFAULT_NORMALISATION
+    group: str = "row"
+    step_weights: Optional[Tuple[float, ...]] = None
+
+    def __post_init__(self):
+        for key, allowed in (("aggregation", ck.AGGREGATIONS), ("gradient", GRADIENTS),
+                             ("normalisation", NORMALISATIONS), ("group", GROUPS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"COPAL {key} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, key)!r}")
+        if self.step_weights is not None:
+            try:
+                weights = tuple(float(w) for w in self.step_weights)
+            except (TypeError, ValueError):
+                raise ValueError(f"COPAL step_weights must be a list of numbers, got "
+                                 f"{self.step_weights!r}") from None
+            if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(f"COPAL step_weights must be positive finite numbers, one per "
+                                 f"step, got {list(self.step_weights)}")
+            object.__setattr__(self, "step_weights", weights)
+
+    FIELDS = ("aggregation", "gradient", "normalisation", "group", "step_weights")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CopalOptions":
+        unknown = sorted(set(data) - set(cls.FIELDS))
+        if unknown:
+            raise ValueError(f"unknown COPAL option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        data = {key: getattr(self, key) for key in self.FIELDS}
+        data["step_weights"] = list(self.step_weights) if self.step_weights else None
+        return data
+
+    def check_pattern(self, pattern: Pattern) -> None:
+        if self.group == "layer" and pattern.kind == "nm":
+            raise ValueError(f"COPAL group 'layer' applies to unstructured patterns; an N:M "
+                             f"pattern ({pattern}) chooses within each group of {pattern.m}")
+
+    def check_steps(self, steps: int) -> None:
+        """Fixed step weights must name one weight per step of the run."""
+        if self.step_weights is not None and len(self.step_weights) != steps:
+            raise ValueError(f"COPAL step_weights has {len(self.step_weights)} weight(s) for "
+                             f"{steps} step(s)")
+
+    @property
+    def label(self) -> str:
+        text = f"[{self.aggregation},{'grad' if self.gradient == 'lm' else 'nograd'}"
+        text += f",lambda={list(self.step_weights)}" if self.step_weights else ""
+        text += ",raw" if self.normalisation == "none" else ""
+        return text + (",layer-group]" if self.group == "layer" else "]")
+
+
 class Copal(Method):
     """COPAL (METHOD.md): I_t = agg_s lambda_s |W0| ga_s[i] aa_s[j] (agg: METHOD.md's ``sum``,
-    ``max``, or ``sumsq``, the sum of the squared terms); masks from W0 each step. Defaults:
-    ``DEFAULT_AGGREGATION`` and ``DEFAULT_NORMALISATION`` (see there).
+    ``max``, or ``sumsq``, the sum of the squared terms); masks from W0 each step.
 
     ``history`` is the continual state ({block.layer: LayerHistory}); the sweep's step appends
     this step's vectors and prunes the dense weights with all steps so far. ``grad_norms``
@@ -221,19 +320,15 @@ class Copal(Method):
 
     name = "copal"
 
-    def __init__(self, history: Dict[str, LayerHistory], grad_norms: Optional[Dict[str, torch.Tensor]],
-                 aggregation: str = DEFAULT_AGGREGATION, step_weights: Optional[List[float]] = None,
-                 normalisation: str = DEFAULT_NORMALISATION, group: str = "row"):
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    def __init__(self, history: Dict[str, LayerHistory],
+                 grad_norms: Optional[Dict[str, torch.Tensor]],
+                 options: CopalOptions = CopalOptions()):
         self.history = history
         self.grad_norms = grad_norms
-        self.aggregation = aggregation
-        self.step_weights = step_weights
-        self.normalisation = normalisation
-        self.group = group
+        self.options = options
 
     def prune_block(self, block_index, linears, stats, pattern):
+        options = self.options
         for name, linear in linears.items():
             key = f"{block_index}.{name}"
             act_norms = torch.sqrt(stats[name].act_sumsq / max(stats[name].tokens, 1))
@@ -242,24 +337,27 @@ class Copal(Method):
             else:
                 grad = torch.ones(linear.out_features, device=act_norms.device)
             layer = self.history.setdefault(key, LayerHistory([], []))
-            scale = normalised if self.normalisation == "mean" else torch.Tensor.float
+            scale = normalised if options.normalisation == "mean" else torch.Tensor.float
             layer.grads.append(scale(grad).cpu())
             layer.acts.append(scale(act_norms).cpu())
             device = linear.weight.device
             grads = torch.stack(layer.grads).to(device)
             acts = torch.stack(layer.acts).to(device)
             weights = None
-            if self.step_weights is not None:
-                weights = torch.tensor(self.step_weights[: len(layer.grads)], device=device,
+            if options.step_weights is not None:
+                weights = torch.tensor(options.step_weights[: len(layer.grads)], device=device,
                                        dtype=torch.float32)
-            _prune(linear.weight.data, pattern, grads, acts, group=self.group,
-                   aggregation=self.aggregation, step_weights=weights)
+            with naming_layer(block_index, name):
+                _prune(linear.weight.data, pattern, grads, acts, group=options.group,
+                       aggregation=options.aggregation, step_weights=weights)
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
 
 
-def make_method(name: str, **copal_options) -> Method:
+def make_method(name: str, **copal_arguments) -> Method:
+    """A method by name; ``copal_arguments`` (COPAL only): ``history``, ``grad_norms``,
+    ``options`` (:class:`CopalOptions`)."""
     if name == "magnitude":
         return Magnitude()
     if name == "wanda":
@@ -267,5 +365,5 @@ def make_method(name: str, **copal_options) -> Method:
     if name == "sparsegpt":
         return SparseGPT()
     if name == "copal":
-        return Copal(**copal_options)
+        return Copal(**copal_arguments)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

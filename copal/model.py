@@ -7,7 +7,9 @@ The parts are found from the config and the module tree (the ModuleList of
 """
 
 import ctypes
+import hashlib
 import inspect
+import json
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import CheckpointError, ShardReader
+from .checkpoint import CheckpointError, ShardReader, read_config_json, tensor_digest
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -30,6 +32,33 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return getattr(torch, dtype)
+
+
+def check_execution(*, device, dtype="auto", batch_size="auto", offload_activations=False) -> None:
+    """Refuse, before any work, where and how a verb cannot run: a device that is not ``cpu``
+    or an available ``cuda[:i]``, an unknown dtype, a batch size that is not a positive integer
+    or ``auto``, and ``offload_activations`` on a CPU (the activations are in host memory
+    already; the option moves them there from a GPU)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:1)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: copal runs on cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available to this torch "
+                             f"({torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
+    resolve_dtype(dtype, device)
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                 or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    if offload_activations and parsed.type == "cpu":
+        raise ValueError("offload_activations keeps a GPU run's activations in host memory; on "
+                         "the CPU they are there already (drop the option)")
 
 
 class UnsupportedModelError(ValueError):
@@ -99,10 +128,18 @@ class LayeredModel:
 
     @classmethod
     def from_checkpoint(cls, directory, dtype: torch.dtype = torch.bfloat16) -> "LayeredModel":
-        """Open a local checkpoint; loads embeddings, final norm and head, no block."""
+        """Open a local checkpoint; loads embeddings, final norm and head, no block. Every
+        tensor the model needs is checked against the shards' headers first (present, with the
+        shape the config implies). Raises CheckpointError, UnsupportedModelError."""
         directory = Path(directory)
         reader = ShardReader(directory)
-        return cls.from_reader(AutoConfig.from_pretrained(directory), reader, dtype, directory)
+        read_config_json(directory)  # a malformed file gets a one-line error naming it
+        try:
+            config = AutoConfig.from_pretrained(directory)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{directory / 'config.json'}: transformers cannot read it "
+                                  f"({error})") from None
+        return cls.from_reader(config, reader, dtype, directory)
 
     @classmethod
     def from_reader(cls, config, reader, dtype: torch.dtype = torch.bfloat16,
@@ -115,8 +152,43 @@ class LayeredModel:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
         layered = cls(model, reader, source)
+        if hasattr(reader, "shape"):
+            layered._check_stored_shapes()
         layered._materialise_outer()
         return layered
+
+    def _check_stored_shapes(self) -> None:
+        """Every tensor of the blocks and the outer modules is in the checkpoint with the shape
+        that the config gives it (read from the shards' headers, no data)."""
+        expected = {}
+        for index in range(self.num_blocks):
+            for key, name in self.block_keys(index).items():
+                expected[key] = tuple(self.blocks[index].get_parameter(name).shape)
+        for key, tensor in self._outer_parameters().items():
+            expected[key] = tuple(tensor.shape)
+        head_key = f"{self.module_names[id(self.head)]}.weight"
+        if getattr(self.config, "tie_word_embeddings", False) or head_key not in self.reader.weight_map:
+            expected.pop(head_key, None)  # tied, or checked when the outer modules load
+        for key, shape in expected.items():
+            if key not in self.reader.weight_map:
+                raise CheckpointError(f"{self.source}: tensor {key!r} is in no shard")
+            stored = tuple(self.reader.shape(key))
+            if stored != shape:
+                raise CheckpointError(
+                    f"{self.source / self.reader.weight_map[key]}: tensor {key!r} has shape "
+                    f"{list(stored)}, the config implies {list(shape)}")
+
+    def _outer_parameters(self) -> Dict[str, torch.Tensor]:
+        """Checkpoint key -> parameter of every module outside the blocks (tied ones once)."""
+        block_ids = {id(p) for p in self.blocks.parameters()}
+        params, seen = {}, set()
+        for module in (self.embed, self.norm, self.head):
+            for pname, param in module.named_parameters():
+                if id(param) in block_ids or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                params[f"{self.module_names[id(module)]}.{pname}"] = param
+        return params
 
     def _materialise_outer(self) -> None:
         """Load every parameter outside the blocks and rebuild the rotary buffers on the host."""
@@ -202,15 +274,42 @@ class LayeredModel:
 
     def outer_state(self) -> Dict[str, torch.Tensor]:
         """Every tensor outside the blocks, by checkpoint key (tied weights once)."""
-        names = self.module_names
-        state, seen = {}, set()
-        for module in (self.embed, self.norm, self.head):
-            for pname, param in module.named_parameters():
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                state[f"{names[id(module)]}.{pname}"] = param.detach()
-        return state
+        return {key: param.detach() for key, param in self._outer_parameters().items()}
+
+    # ---- checks before any work ---------------------------------------------------------------
+    def check_pattern(self, pattern) -> None:
+        """Every prunable layer of every block can take ``pattern`` (a :class:`Pattern`);
+        raises ValueError naming the first that cannot. Reads no weights."""
+        for index, block in enumerate(self.blocks):
+            for name, linear in self.linears(block).items():
+                pattern.check_layer(f"block {index} {name}", linear.in_features)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Windows of ``seq_len`` tokens fit the model's positions (ValueError otherwise)."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit is not None and seq_len > limit:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                             f"({limit})")
+
+    def fingerprint(self) -> str:
+        """What identifies this model's computation: the architecture fields of its config and
+        every weight's name, shape and value (as fp32, so a bf16 checkpoint and its fp32 copy in
+        memory agree), not where it is stored. Checkpoints hash their shards once (cached by
+        file identity); an in-memory model hashes its tensors."""
+        digest = hashlib.sha256(json.dumps(_architecture(self.config), sort_keys=True).encode())
+        if self.lazy:
+            keys = [key for index in range(self.num_blocks) for key in self.block_keys(index)]
+            keys += list(self._outer_parameters())
+            tensors = self.reader.tensor_digests(keys)
+        else:
+            tensors = {key: tensor_digest(param) for key, param in self._outer_parameters().items()}
+            for index in range(self.num_blocks):
+                prefix = self.block_names[index]
+                for name, tensor in self.block_state(index).items():
+                    tensors[f"{prefix}.{name}"] = tensor_digest(tensor)
+        for key in sorted(tensors):
+            digest.update(f"{key}:{tensors[key]};".encode())
+        return digest.hexdigest()[:32]
 
     # ---- running ------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -233,6 +332,20 @@ class LayeredModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
+
+
+# the config fields that decide what a LLaMA-family model computes, beside its tensors
+_ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                      "rms_norm_eps", "hidden_act", "tie_word_embeddings", "sliding_window")
+
+
+def _architecture(config) -> dict:
+    fields = {key: getattr(config, key, None) for key in _ARCHITECTURE_KEYS}
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    fields["rope_theta"] = getattr(config, "rope_theta", None) or (
+        rope.get("rope_theta") if isinstance(rope, dict) else None)
+    return fields
 
 
 _LIBC = None

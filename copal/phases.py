@@ -84,6 +84,14 @@ def _sync() -> None:
         torch.cuda.current_stream().synchronize()
 
 
+def progress(iterable, **kwargs):
+    """A tqdm bar where a person watches (stderr is a terminal); nothing where output goes to a
+    file or pipe (its redraws would flood it): the verbs log one line per finished step there."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None, leave=False, **kwargs)
+
+
 def phase(timer, name: str):
     """``timer(name)``, or a context that does nothing when there is no timer."""
     return timer(name) if timer is not None else contextlib.nullcontext()

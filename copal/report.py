@@ -4,6 +4,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import List
 
+from .atomic import write_atomically
 from .methods import Pattern
 
 
@@ -75,15 +76,38 @@ def render_markdown(results: dict, plots: List[Path]) -> str:
     ]
     for run in results["runs"]:
         parts += [f"### {run['label']}", p_matrix_table(run)]
+    unfinished = results.get("unfinished")
+    if unfinished:
+        parts += [f"## Unfinished: {unfinished['label']}",
+                  f"{len(unfinished['P'])} of {len(unfinished['datasets'])} steps finished (the "
+                  "experiment was interrupted or is running; rerunning the same command resumes "
+                  "after the last finished step).", p_matrix_table(unfinished)]
     if plots:
         parts.append("## Plots")
         parts += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n\n".join(parts) + "\n"
 
 
+PLOTS = ("bwt.png", "bwt_vs_sparsity.png", "bwt_vs_samples.png")
+
+
+def plot_files() -> List[str]:
+    """The names of every plot :func:`make_plots` may write."""
+    return list(PLOTS)
+
+
+def _setting(results: dict) -> str:
+    """What every plot's numbers depend on: the order, the patterns, the held-out set."""
+    config = results.get("config", {})
+    patterns = sorted({run["spec"]["pattern"] for run in results["runs"]})
+    return (f"{' -> '.join(config.get('sources', []))}; pattern {', '.join(patterns)}; "
+            f"held-out {config.get('heldout') or 'none'}")
+
+
 def make_plots(results: dict, directory: Path) -> List[Path]:
     """BWT of every run; BWT against sparsity (the paper's Figure 1) and against the number of
-    calibration samples (Figure 3) where the runs vary those. Empty if matplotlib is missing."""
+    calibration samples (Figure 3) where the runs vary those; each titled with the order, the
+    patterns and the held-out set. Empty if matplotlib is missing or no run finished."""
     try:
         import matplotlib
 
@@ -92,6 +116,9 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
     except ImportError:
         return []
     runs = results["runs"]
+    if not runs:
+        return []
+    setting = _setting(results)
     paths = []
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs)), 3.5))
     xs = range(len(runs))
@@ -101,6 +128,7 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
     ax.set_ylabel("perplexity points")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend()
+    ax.set_title(f"Backward transfer: {setting}", fontsize=8)
     fig.tight_layout()
     paths.append(directory / "bwt.png")
     fig.savefig(paths[-1], dpi=120)
@@ -127,7 +155,7 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
             axis.set_ylabel(metric)
             axis.axhline(0, color="black", linewidth=0.5)
         axes[0].legend(fontsize=7)
-        fig.suptitle(title)
+        fig.suptitle(f"{title}\n{setting}", fontsize=9)
         fig.tight_layout()
         paths.append(directory / filename)
         fig.savefig(paths[-1], dpi=120)
@@ -157,13 +185,13 @@ def write_report(results: dict, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plots = make_plots(results, directory)
-    path = directory / "report.md"
-    path.write_text(render_markdown(results, plots))
-    return path
+    text = render_markdown(results, plots)
+    return write_atomically(directory / "report.md", lambda name: Path(name).write_text(text))
 
 
 def print_summary(results: dict, out=print) -> None:
     out("\nDense perplexity:\n" + dense_table(results))
     for run in results["runs"]:
         out(f"\nP matrix, {run['label']}:\n" + p_matrix_table(run))
-    out("\nBWT:\n" + bwt_table(results))
+    if results["runs"]:
+        out("\nBWT:\n" + bwt_table(results))

@@ -1,10 +1,10 @@
-"""COPAL's continual state: per layer the normalised vectors of every step (t x (in + out)
-floats, nothing weight-sized), saved as safetensors with its metadata, so that a later dataset
-can be added in another process without any past data."""
+"""COPAL's continual state: per layer the vectors of every step (t x (in + out) floats, nothing
+weight-sized), saved as safetensors with its metadata, so that a later dataset can be added in
+another process without any past data."""
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -14,14 +14,47 @@ from .atomic import write_atomically
 from .methods import LayerHistory
 
 FORMAT = "copal-state/1"
-# what `copal continue` needs to redo a step the same way: the dense model, the datasets so far,
-# the pattern, COPAL's options and the calibration windows' definition
-METADATA_KEYS = ("model", "datasets", "pattern", "gradient", "aggregation", "normalisation",
-                 "group", "step_weights", "num_calibration", "seq_len", "seed")
+# what `copal continue` needs to redo a step the same way: the dense model (where it was, and
+# what identifies it wherever it is now), the datasets so far, the exact pattern, COPAL's options
+# and the calibration windows' definition
+METADATA_KEYS = ("model", "model_fingerprint", "datasets", "pattern", "gradient", "aggregation",
+                 "normalisation", "group", "step_weights", "num_calibration", "seq_len", "seed")
 
 
 def _missing_keys(metadata: dict) -> list:
     return [key for key in METADATA_KEYS if key not in metadata]
+
+
+def _tensors(history: Dict[str, LayerHistory]) -> Dict[str, torch.Tensor]:
+    tensors = {}
+    for key, layer in history.items():
+        tensors[f"{key}.grads"] = torch.stack(layer.grads).contiguous()
+        tensors[f"{key}.acts"] = torch.stack(layer.acts).contiguous()
+    return tensors
+
+
+def _history(handle) -> Dict[str, LayerHistory]:
+    history: Dict[str, LayerHistory] = {}
+    for name in handle.keys():
+        key, kind = name.rsplit(".", 1)
+        layer = history.setdefault(key, LayerHistory([], []))
+        rows = list(handle.get_tensor(name).unbind(0))
+        if kind == "grads":
+            layer.grads = rows
+        else:
+            layer.acts = rows
+    return history
+
+
+def save_history(path, history: Dict[str, LayerHistory]) -> Path:
+    """The vectors alone (a run's checkpoint between steps), written atomically."""
+    tensors = _tensors(history)
+    return write_atomically(path, lambda name: save_file(tensors, name))
+
+
+def load_history(path) -> Dict[str, LayerHistory]:
+    with safe_open(str(path), framework="pt") as handle:
+        return _history(handle)
 
 
 def save_state(path, history: Dict[str, LayerHistory], metadata: dict) -> Path:
@@ -31,43 +64,45 @@ def save_state(path, history: Dict[str, LayerHistory], metadata: dict) -> Path:
     missing = _missing_keys(metadata)
     if missing:
         raise ValueError(f"COPAL state metadata lacks {', '.join(missing)}")
-    tensors = {}
-    for key, layer in history.items():
-        tensors[f"{key}.grads"] = torch.stack(layer.grads).contiguous()
-        tensors[f"{key}.acts"] = torch.stack(layer.acts).contiguous()
+    tensors = _tensors(history)
     header = {"format": FORMAT, "metadata": json.dumps(metadata)}
     return write_atomically(path, lambda name: save_file(tensors, name, metadata=header))
 
 
-def load_state(path):
+def is_state_file(path) -> bool:
+    """True for a file that :func:`save_state` wrote."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == FORMAT
+    except (OSError, SafetensorError, ValueError):
+        return False
+
+
+def load_state(path) -> Tuple[Dict[str, LayerHistory], dict]:
     """(history, metadata) from :func:`save_state`'s file; a file that is not one, or lacks
     metadata, raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such COPAL state file")
     try:
-        return _read_state(path)
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a COPAL state file (format {header.get('format')!r})")
+            history = _history(handle)
     except SafetensorError as error:
         raise ValueError(f"{path}: not a readable COPAL state file ({error})") from error
-
-
-def _read_state(path: Path):
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a COPAL state file (format {header.get('format')!r})")
-        history: Dict[str, LayerHistory] = {}
-        for name in handle.keys():
-            key, kind = name.rsplit(".", 1)
-            layer = history.setdefault(key, LayerHistory([], []))
-            rows = list(handle.get_tensor(name).unbind(0))
-            if kind == "grads":
-                layer.grads = rows
-            else:
-                layer.acts = rows
-    metadata = json.loads(header["metadata"])
+    try:
+        metadata = json.loads(header["metadata"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: the state's metadata is missing or not JSON") from None
     missing = _missing_keys(metadata)
     if missing:
         raise ValueError(f"{path}: the state's metadata lacks {', '.join(missing)}; it cannot be "
                          "continued (written by an older copal?)")
+    steps = {len(layer.acts) for layer in history.values()} | {
+        len(layer.grads) for layer in history.values()}
+    if steps != {len(metadata["datasets"])}:
+        raise ValueError(f"{path}: the state holds {sorted(steps)} step(s) per layer for "
+                         f"{len(metadata['datasets'])} dataset(s); it is inconsistent")
     return history, metadata

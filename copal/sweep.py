@@ -5,11 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
 from .methods import Method, Pattern
 from .model import LayeredModel
-from .phases import phase
+from .phases import phase, progress
 
 BlockStates = Optional[Callable[[int], Optional[Dict[str, torch.Tensor]]]]
 
@@ -153,14 +152,14 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
     pinned host memory between blocks, moving one chunk at a time to the device. ``timer``
     (:class:`copal.phases.PhaseTimer`) collects the time of each phase.
     """
-    if len(windows) == 0:
+    observes = method.needs_acts or method.needs_gram
+    if observes and len(windows) == 0:
         raise ValueError("no calibration windows: the dataset is empty")
     batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
-    observes = method.needs_acts or method.needs_gram
     with phase(timer, "embed"):
         chunks = embed_windows(lm, windows, device, batch_size, offload_activations) if observes else []
     blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states, timer)
-    for index, block in tqdm(blocks, total=lm.num_blocks, desc=desc, unit="block", leave=False):
+    for index, block in progress(blocks, total=lm.num_blocks, desc=desc, unit="block"):
         linears = lm.linears(block)
         for name, linear in linears.items():
             pattern.check_layer(f"block {index} {name}", linear.in_features)

@@ -12,7 +12,7 @@ from copal.atomic import write_atomically
 from copal.continual import DenseWeights, RunSpec, run_continual
 from copal.data import Dataset
 from copal.evaluate import bwt, perplexities
-from copal.methods import LayerHistory, Pattern
+from copal.methods import CopalOptions, LayerHistory, Pattern
 from copal.model import LayeredModel
 from copal.state import load_state, save_state
 from copal.sweep import prune_sweep
@@ -39,11 +39,11 @@ def test_perplexity_matches_the_full_model():
 
 def test_copal_options_are_checked():
     with pytest.raises(ValueError, match="aggregation"):
-        RunSpec("copal", "continual", aggregation="mean")
+        RunSpec.from_dict(dict(method="copal", protocol="continual", aggregation="mean"))
     with pytest.raises(ValueError, match="normalisation"):
-        RunSpec("copal", "continual", normalisation="l2")
+        CopalOptions(normalisation="l2")
     with pytest.raises(ValueError, match="group"):
-        RunSpec("copal", "continual", group="column")
+        CopalOptions(group="column")
 
 
 def test_bwt():
@@ -54,10 +54,10 @@ def test_bwt():
 
 @pytest.mark.parametrize("spec", [
     RunSpec("copal", "continual", "50%"),
-    RunSpec("copal", "continual", "50%", gradient="lm", aggregation="sum", normalisation="mean"),
-    RunSpec("copal", "continual", "2:4", gradient="none",
-                                                  aggregation="max", step_weights=[1, 1, 2]),
-    RunSpec("copal", "continual", "50%", normalisation="none", group="layer"),
+    RunSpec("copal", "continual", "50%", CopalOptions(gradient="lm", aggregation="sum",
+                                                      normalisation="mean")),
+    RunSpec("copal", "continual", "2:4", CopalOptions(aggregation="max", step_weights=[1, 1, 2])),
+    RunSpec("copal", "continual", "50%", CopalOptions(group="layer")),
     RunSpec("wanda", "restart", "50%"), RunSpec("wanda", "joint", "2:4"),
     RunSpec("magnitude", "cascade", "50%"), RunSpec("sparsegpt", "cascade", "4:8"),
 ], ids=lambda s: s.label)
@@ -73,7 +73,7 @@ def test_run_continual(spec):
     if spec.method == "copal":
         assert all(len(layer.grads) == 3 for layer in result["history"].values())
         means = torch.stack([torch.stack(layer.acts).mean(1) for layer in result["history"].values()])
-        if spec.normalisation == "mean":
+        if spec.options.normalisation == "mean":
             assert torch.allclose(means, torch.ones_like(means), rtol=1e-5)
         else:  # raw norms are kept as measured
             assert not torch.allclose(means, torch.ones_like(means), rtol=1e-2)
@@ -82,7 +82,8 @@ def test_run_continual(spec):
 
 
 @pytest.mark.parametrize("spec", [
-    RunSpec("copal", "continual", "2:4", gradient="lm"), RunSpec("sparsegpt", "cascade", "4:8"),
+    RunSpec("copal", "continual", "2:4", CopalOptions(gradient="lm")),
+    RunSpec("sparsegpt", "cascade", "4:8"),
 ], ids=lambda s: s.label)
 def test_run_continual_streamed_from_the_checkpoint_equals_in_memory(tmp_path, spec):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", layers=3)
@@ -101,12 +102,14 @@ def test_run_continual_streamed_from_the_checkpoint_equals_in_memory(tmp_path, s
         assert all(torch.equal(a, b) for a, b in zip(layer.acts, streamed["history"][key].acts))
 
 
+@pytest.mark.triton
 def test_copal_first_step_gives_wandas_mask_without_gradients():
     model = tiny_model(hidden=64, intermediate=96)
     windows = _datasets(model.config.vocab_size, 1)[0].calibration
     masks = {}
     for name, method in (("wanda", make_method("wanda")),
-                         ("copal", make_method("copal", history={}, grad_norms=None))):
+                         ("copal", make_method("copal", history={}, grad_norms=None,
+                                               options=CopalOptions()))):
         lm = LayeredModel.from_model(tiny_model(hidden=64, intermediate=96))
         prune_sweep(lm, windows, method, Pattern.parse("50%"))
         masks[name] = [m.weight != 0 for m in lm.model.modules() if isinstance(m, torch.nn.Linear)
@@ -119,7 +122,8 @@ def test_copal_first_step_gives_wandas_mask_without_gradients():
 def test_state_round_trip(tmp_path):
     history = {"0.mlp.up_proj": LayerHistory([torch.rand(8), torch.rand(8)],
                                              [torch.rand(4), torch.rand(4)])}
-    metadata = {"model": "/models/dense", "datasets": ["a", "b"], "pattern": "2:4",
+    metadata = {"model": "/models/dense", "model_fingerprint": "f" * 32, "datasets": ["a", "b"],
+                "pattern": "2:4",
                 "gradient": "lm", "aggregation": "max", "normalisation": "mean", "group": "row",
                 "step_weights": None, "num_calibration": 32, "seq_len": 512, "seed": 0}
     path = save_state(tmp_path / "state.safetensors", history, metadata)

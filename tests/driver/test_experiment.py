@@ -2,6 +2,9 @@
 and a rerun that resumes instead of starting over."""
 
 import json
+import re
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -53,7 +56,7 @@ def test_experiment_cli_report_and_resume(checkpoint, corpus, corpus_b, tmp_path
 
     assert main(["experiment", "--config", str(config_path), "--out", str(out)]) == 0
     assert printed.count("step 1/2") >= 2
-    assert "done before, skipped" in capsys.readouterr().out
+    assert "done before with the same config, data and model: skipped" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
 
 
@@ -122,13 +125,17 @@ def test_figures_1_and_3_are_drawn_one_line_per_variant(tmp_path, monkeypatch):
         savefig(figure, path, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", keep)
-    paths = make_plots({"config": {"num_calibration": 16}, "runs": runs}, tmp_path)
+    paths = make_plots({"config": {"num_calibration": 16, "sources": ["wiki", "kjv"],
+                                   "heldout": "jargon"}, "runs": runs}, tmp_path)
     assert [p.name for p in paths] == ["bwt.png", "bwt_vs_sparsity.png", "bwt_vs_samples.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert _lines(figures["bwt_vs_sparsity.png"]) == {
         "copal[max,grad]-continual": [0.3, 0.5], "wanda-restart": [0.3, 0.5],
         "wanda-restart n=1": [0.5], "wanda-restart n=4": [0.5]}
     assert _lines(figures["bwt_vs_samples.png"])["wanda-restart 50%"] == [1, 4, 16]
+    setting = "wiki -> kjv; pattern 2:4, 30%, 50%; held-out jargon"
+    assert setting in figures["bwt.png"].axes[0].get_title()
+    assert setting in figures["bwt_vs_sparsity.png"].texts[0].get_text()
 
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
@@ -152,3 +159,118 @@ def test_bwt_table_peak_memory_columns():
     assert rows == ["1500 |", "<= 3069 |", "- |"] and "peak device" not in table
     with_device = bwt_table({"runs": [dict(run, peak_host_mb=1.0, peak_device_mb=2048.0)]})
     assert with_device.splitlines()[-1].endswith("| 1 | 2048 |")
+
+
+EXPERIMENT_CHILD = """
+import sys
+from copal.cli import main
+sys.exit(main(["experiment", "--config", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def _progress_steps(out):
+    """{run directory: finished steps} of the runs under way in an experiment's output."""
+    steps = {}
+    for path in (out / ".copal-progress").glob("*/progress.json"):
+        try:
+            steps[path.parent.name] = len(json.loads(path.read_text())["steps"])
+        except (OSError, ValueError):
+            pass
+    return steps
+
+
+def _finished_runs(out):
+    try:
+        return len(json.loads((out / "results.json").read_text())["runs"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_killed_experiment_resumes_step_by_step_with_the_same_numbers(checkpoint, corpus,
+                                                                       corpus_b, tmp_path):
+    """Real SIGKILLs: after run 1's first step, after run 1, after run 2's first step; each
+    rerun continues from the last finished step, and the numbers equal an uninterrupted run's."""
+    from .test_safety import _child, _kill_when
+
+    heldout = write_corpus(tmp_path / "heldout.txt", seed=2)
+    config = {"model": str(checkpoint), "sources": [str(corpus), str(corpus_b)],
+              "heldout": str(heldout), "num_calibration": 4, "num_test": 2, "seq_len": 32,
+              "runs": [{"method": "copal", "protocol": "continual", "pattern": "2:4"},
+                       {"method": "wanda", "protocol": "cascade", "pattern": "50%"}]}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    reference = tmp_path / "reference"
+    assert main(["experiment", "--config", str(config_path), "--out", str(reference)]) == 0
+    out = tmp_path / "killed"
+    points = [lambda: 1 in _progress_steps(out).values() and _finished_runs(out) == 0,
+              lambda: _finished_runs(out) == 1,
+              lambda: _finished_runs(out) == 1 and 1 in _progress_steps(out).values()]
+    for ready in points:
+        child = _child(EXPERIMENT_CHILD, config_path, out)
+        _kill_when(child, ready, signal.SIGKILL)
+        assert (out / "report.md").is_file(), "what finished is reported"
+    child = _child(EXPERIMENT_CHILD, config_path, out)
+    printed, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    assert "resuming after step 1/2" in printed
+    assert "\r" not in err and "it/s" not in err, "no progress bars in a file"
+    want = json.loads((reference / "results.json").read_text())["runs"]
+    got = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    for a, b in zip(got, want):
+        assert a["P"] == b["P"] and a["heldout"] == b["heldout"] and a["bwt_max"] == b["bwt_max"]
+    assert load_state(out / got[0]["state_file"])[0].keys() == \
+        load_state(reference / want[0]["state_file"])[0].keys()
+    assert not (out / ".copal-progress").exists() or not any((out / ".copal-progress").iterdir())
+    assert "## Unfinished" not in (out / "report.md").read_text()
+
+
+def test_rerun_with_other_settings_or_data_is_refused_unless_overwrite(checkpoint, corpus,
+                                                                       tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "a.txt")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = {"model": "../" + checkpoint.name, "sources": ["../texts"], "num_calibration": 2,
+              "num_test": 2, "seq_len": 32,
+              "runs": [{"method": "wanda", "protocol": "restart", "pattern": "50%"}]}
+    shutil.copytree(checkpoint, tmp_path / checkpoint.name)
+    path = configs / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    # relative paths in a config are relative to its folder, not to the working directory
+    assert main(["experiment", "--config", str(path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["sources"] == [str(folder)]
+    assert "aggregation" not in results["runs"][0]["spec"], "no COPAL options on a Wanda run"
+    capsys.readouterr()
+
+    (folder / "a.txt").write_text((folder / "a.txt").read_text()[::-1])
+    assert main(["experiment", "--config", str(path), "--out", str(out)]) == 2
+    assert "the windows of" in capsys.readouterr().err
+    assert main(["experiment", "--config", str(path), "--out", str(out),
+                 "--set", "seed=1"]) == 2
+    assert "seed 0 -> 1" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == results, "nothing was dropped"
+    assert main(["experiment", "--config", str(path), "--out", str(out), "--overwrite"]) == 0
+    assert "--overwrite: removing the earlier results" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["identity"] != results["identity"]
+
+
+def test_config_keys_are_honoured_or_refused(checkpoint, corpus):
+    base = {"model": str(checkpoint), "sources": [str(corpus)], "num_calibration": 2}
+    bad = [
+        ({"runs": [{"method": "wanda", "protocol": "restart", "group": "layer"}]}, "COPAL option"),
+        ({"runs": [{"method": "copal", "protocol": "continual", "step_weights": [1, 2]}]},
+         "2 weight(s) for 1 step(s)"),
+        ({"runs": [{"method": "wanda", "protocol": "restart", "num_calibration": 3}]},
+         "asks for 3 windows"),
+        ({"runs": [{"method": "magnitude", "protocol": "cascade", "num_calibration": 1}]},
+         "magnitude uses no calibration"),
+        ({"sources": [str(corpus), str(corpus)]}, "named once"),
+        ({"num_test": 0}, "num_test"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ExperimentConfig.from_dict({**base, **change})

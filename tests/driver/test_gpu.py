@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from copal.gradients import gradient_norms
-from copal.methods import Pattern, make_method
+from copal.methods import CopalOptions, Pattern, make_method
 from copal.sweep import prune_sweep
 from copal.synthetic import synthetic_model
 
@@ -18,7 +18,7 @@ def _copal_step(device, pattern, offload=False):
     windows = torch.randint(0, 1024, (6, 64), generator=torch.Generator().manual_seed(0))
     grads = gradient_norms(lm, windows, device=device, batch_size=4, micro_batch=4, segment=3)
     kept = {}
-    method = make_method("copal", history={}, grad_norms=grads)
+    method = make_method("copal", history={}, grad_norms=grads, options=CopalOptions())
     prune_sweep(lm, windows, method, Pattern.parse(pattern), device=device, batch_size=4,
                 offload_activations=offload,
                 on_block_done=lambda i, block: kept.update(

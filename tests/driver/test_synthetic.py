@@ -90,7 +90,7 @@ CHILD = textwrap.dedent("""
     from transformers import LlamaConfig
     from copal.phases import HostPeak
     from copal.gradients import GradientPlan, gradient_norms, plan_gradient_pass
-    from copal.methods import Pattern, make_method
+    from copal.methods import CopalOptions, Pattern, make_method
     from copal.model import LayeredModel
     from copal.synthetic import SyntheticReader
     from copal.sweep import prune_sweep
@@ -103,7 +103,7 @@ CHILD = textwrap.dedent("""
     windows = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
     with HostPeak(interval=0.002) as host:
         grads = gradient_norms(lm, windows, batch_size=4, micro_batch=2)
-        prune_sweep(lm, windows, make_method("copal", history={}, grad_norms=grads),
+        prune_sweep(lm, windows, make_method("copal", history={}, grad_norms=grads, options=CopalOptions()),
                     Pattern.parse("2:4"), batch_size=4)
     print(json.dumps({"growth_kb": (host.peak - host.start) // 1024}))
 """)
