@@ -73,13 +73,8 @@ class ShardReader:
         """{name: :func:`tensor_digest`} of the named tensors, hashing each shard they are in
         once (then cached while the file is unchanged)."""
         names = list(names)
-        by_shard: Dict[str, List[str]] = {}
-        for name in names:
-            if name not in self.weight_map:
-                raise CheckpointError(f"{self.directory}: tensor {name!r} is in no shard")
-            by_shard.setdefault(self.weight_map[name], []).append(name)
         digests = {}
-        for shard in by_shard:
+        for shard in self._by_shard(names):
             def read_all(shard=shard):
                 with self._open(shard) as handle:
                     return {name: tensor_digest(handle.get_tensor(name)) for name in handle.keys()}
@@ -96,15 +91,18 @@ class ShardReader:
     def names(self) -> List[str]:
         return list(self.weight_map)
 
-    def read(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Read the named tensors (host memory), opening each shard once."""
+    def _by_shard(self, names: Iterable[str]) -> Dict[str, List[str]]:
         by_shard: Dict[str, List[str]] = {}
         for name in names:
             if name not in self.weight_map:
                 raise CheckpointError(f"{self.directory}: tensor {name!r} is in no shard")
             by_shard.setdefault(self.weight_map[name], []).append(name)
+        return by_shard
+
+    def read(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
+        """Read the named tensors (host memory), opening each shard once."""
         tensors = {}
-        for shard, shard_names in by_shard.items():
+        for shard, shard_names in self._by_shard(names).items():
             with self._open(shard) as handle:
                 for name in shard_names:
                     try:
@@ -177,6 +175,7 @@ class ShardWriter:
         contain. Raises :class:`copal.outputs.OutputError` (see
         :func:`copal.outputs.check_output_dir`)."""
         self.directory = check_output_dir(directory, overwrite=overwrite, protect=protect)
+        self.overwrite, self.protect = overwrite, list(protect)
         self.work = WorkDir(self.directory.parent,
                             self.STAGING_PREFIX.format(name=self.directory.name))
         self.staging = self.work.path
@@ -217,6 +216,8 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
         save_extra(self.staging)
+        # checked again: the output may have changed during a long run
+        check_output_dir(self.directory, overwrite=self.overwrite, protect=self.protect)
         replace_directory(self.staging, self.directory)
         self.work.release(remove=False)
         return self.directory

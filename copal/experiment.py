@@ -21,7 +21,6 @@ holds it whole.
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from .data import SOURCES, check_window_counts, make_dataset, windows_digest
 from .evaluate import perplexities
 from .methods import Pattern
 from .model import LayeredModel, check_execution, resolve_dtype
-from .outputs import OutputError
+from .outputs import OutputError, probe_writable
 from .phases import HostPeak, peak_resident_bytes
 from .report import plot_files, print_summary, write_report
 from .state import save_state
@@ -235,18 +234,13 @@ class _ExperimentLock:
 
 
 def _check_out(out_dir) -> Path:
+    """The output directory, checked (not created: that waits until the inputs are checked)."""
     if out_dir is None or not str(out_dir).strip():
         raise OutputError("--out is an empty path (an unset shell variable?)")
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".copal-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise OutputError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+    probe_writable(out, "--out")
     return out
 
 
@@ -267,11 +261,7 @@ def run_experiment(config: ExperimentConfig, out_dir, *, overwrite: bool = False
         raise OutputError(f"--out {out_dir} lies inside the model {model_dir}; choose a "
                           "directory outside it")
     out = _check_out(out_dir)
-    lock = _ExperimentLock(out)
-    try:
-        return _run(config, out, model_dir, overwrite, log)
-    finally:
-        lock.close()
+    return _run(config, out, model_dir, overwrite, log)
 
 
 def _run(config: ExperimentConfig, out: Path, model_dir: Path, overwrite: bool, log) -> dict:
@@ -296,6 +286,16 @@ def _run(config: ExperimentConfig, out: Path, model_dir: Path, overwrite: bool, 
                 "dtype": str(dtype).removeprefix("torch."),
                 "device": torch.device(config.device).type, "batch_size": config.batch_size}
 
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _ExperimentLock(out)
+    try:
+        return _continue(config, out, lm, identity, datasets, heldout, model_dir, overwrite, log)
+    finally:
+        lock.close()
+
+
+def _continue(config, out, lm, identity, datasets, heldout, model_dir, overwrite, log) -> dict:
+    """The experiment from its dense perplexities on, with the output directory locked."""
     config_dict = config.to_dict()
     results_path = out / "results.json"
     results = {"format": RESULTS_FORMAT, "config": config_dict, "identity": identity,

@@ -73,9 +73,9 @@ def _inside(path: Path, protect: Iterable) -> Optional[Path]:
     return None
 
 
-def _probe_writable(directory: Path, what: str) -> None:
-    """Create and remove a file in the nearest existing ancestor of ``directory``: a read-only
-    filesystem or a missing permission shows here, before any work."""
+def probe_writable(directory: Path, what: str) -> None:
+    """Create and remove a file in ``directory`` or its nearest existing ancestor: a read-only
+    filesystem or a missing permission shows here, before any work (OutputError)."""
     probe = directory
     while not probe.exists():
         probe = probe.parent
@@ -110,7 +110,7 @@ def check_output_dir(path, *, overwrite: bool, protect: Iterable = (), what: str
                 raise OutputError(
                     f"{what} {path} is not empty and holds no checkpoint written by copal (no "
                     f"{MARKER}); --overwrite only replaces copal's own outputs")
-    _probe_writable(target.parent, what)
+    probe_writable(target.parent, what)
     return target
 
 
@@ -133,7 +133,7 @@ def check_output_file(path, *, overwrite: bool, protect: Iterable = (), what: st
         if not is_ours(target):
             raise OutputError(f"{what} {path} exists and was not written by copal; --overwrite "
                               "only replaces copal's own files")
-    _probe_writable(target.parent, what)
+    probe_writable(target.parent, what)
     return target
 
 

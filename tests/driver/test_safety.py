@@ -336,3 +336,22 @@ def test_masks_do_not_depend_on_the_batch_size_in_block_0_and_are_reproducible()
     assert all(torch.equal(a, b) for a, b in zip(masks[1, 0][0], masks[3, 0][0]))
     for block_a, block_b in zip(masks[3, 0], masks[3, 1]):
         assert all(torch.equal(a, b) for a, b in zip(block_a, block_b))
+
+
+def test_mount_points_are_never_outputs(tmp_path):
+    from copal.outputs import OutputError, refuse_dangerous
+
+    mounts = [Path(p) for p in ("/proc", "/sys", "/dev") if os.path.ismount(p)]
+    if not mounts:
+        pytest.skip("no mount point to try")
+    with pytest.raises(OutputError, match="mount point"):
+        refuse_dangerous(mounts[0], "output")
+    assert refuse_dangerous(tmp_path / "new", "output") == (tmp_path / "new").resolve()
+
+
+def test_experiment_output_inside_the_model_is_refused(checkpoint, corpus, capsys):
+    before = _files(checkpoint)
+    assert main(["experiment", "--out", str(checkpoint / "results"),
+                 "--set", f'model="{checkpoint}"', "--set", f'sources=["{corpus}"]']) == 2
+    assert "lies inside the model" in capsys.readouterr().err
+    assert _files(checkpoint) == before
