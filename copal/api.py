@@ -119,8 +119,8 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     if method == "magnitude":
         given = [key for key, value in dict(calibration, data=data).items() if value is not None]
         if given:
-            raise ValueError(f"magnitude prunes by |W| alone: {', '.join(given)} do(es) not "
-                             "apply to it")
+            raise ValueError(f"magnitude prunes by |W| alone and calibrates on nothing; drop "
+                             f"{', '.join(given)}")
         windows = None
     else:
         if data is None:
