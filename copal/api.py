@@ -8,20 +8,21 @@ leaves nothing. Checkpoints are streamed block by block: read lazily from the in
 written shard by shard into a staging folder that replaces the output only when complete.
 """
 
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .assets import resolve_model
-from .checkpoint import CheckpointError, ShardWriter
+from .checkpoint import CheckpointError, ShardWriter, copy_non_weights
 from .continual import DenseWeights, RunSpec, copal_method, prune_step, state_metadata
-from .data import check_window_counts, make_dataset
+from .data import check_window_counts, make_dataset, source_name
 from .evaluate import perplexities
 from .methods import CopalOptions, LayerHistory, Pattern, make_method
 from .model import LayeredModel, check_execution, resolve_dtype
-from .outputs import check_output_dir, check_output_file, write_marker
+from .outputs import MARKER, check_output_dir, check_output_file, write_marker
 from .state import is_state_file, load_state, save_state
 from .sweep import prune_sweep
 from copal_kernels.machine import environment
@@ -63,34 +64,47 @@ def _state_target(state_out, out: Path, *, overwrite: bool, protect) -> Path:
 
 def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool, run_sweep,
                   provenance: dict, state=None) -> Path:
-    """Run ``run_sweep(on_block_done)`` writing each finished block as a shard of ``out``; then
-    config, tokenizer, the provenance marker and ``state`` (``(path, history, metadata)``: into
-    the staging folder when the path lies in ``out``, else beside its target) before the
-    checkpoint is moved into place, so a checkpoint never lands without its state."""
+    """Run ``run_sweep(on_block_done)`` writing each finished block as a shard of ``out``, each
+    tensor in the dtype the input stores it in (computations may run in another); then copy the
+    input's other files (config, tokenizer, generation config, ...), write the provenance marker
+    and ``state`` (``(path, history, metadata)``). A state inside ``out`` lands with the
+    checkpoint; one elsewhere is written beside its target and moved there only once the
+    checkpoint has landed, so a failed run neither leaves nor replaces a state."""
     writer = ShardWriter(out, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
+    pending = None
     try:
+        def stored(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {key: tensor.to(lm.stored_dtypes.get(key, tensor.dtype))
+                    for key, tensor in tensors.items()}
+
         def write_block(index, block):
             prefix = lm.block_names[index]
-            writer.write_shard(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()})
+            writer.write_shard(index, stored(
+                {f"{prefix}.{k}": v for k, v in block.state_dict().items()}))
 
         run_sweep(write_block)
-        writer.write_shard(lm.num_blocks, lm.outer_state())
+        writer.write_shard(lm.num_blocks, stored(lm.outer_state()))
 
         def save_extra(staging):
-            AutoConfig.from_pretrained(model_dir).save_pretrained(staging)
-            try:
-                AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
-            except (OSError, ValueError):
-                pass  # a checkpoint without a tokenizer stays without one
+            nonlocal pending
+            copy_non_weights(model_dir, staging, skip=(MARKER,))
             write_marker(staging, provenance)
             if state is not None:
                 path, history, metadata = state
-                inside = path.parent == out or out in path.parents
-                save_state(staging / path.relative_to(out) if inside else path, history, metadata)
+                if path.parent == out or out in path.parents:
+                    save_state(staging / path.relative_to(out), history, metadata)
+                else:
+                    pending = path.with_name(f".{path.name}.copal-pending-{os.getpid()}")
+                    save_state(pending, history, metadata)
 
-        return writer.finish(save_extra)
+        landed = writer.finish(save_extra)
+        if pending is not None:
+            os.replace(pending, state[0])
+        return landed
     except BaseException:
         writer.abort()
+        if pending is not None:
+            pending.unlink(missing_ok=True)
         raise
 
 
@@ -117,10 +131,10 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     calibration = dict(num_calibration=num_calibration, seq_len=seq_len, seed=seed,
                        batch_size=batch_size)
     if method == "magnitude":
-        given = [key for key, value in dict(calibration, data=data).items() if value is not None]
+        given = [key for key, value in dict(data=data, **calibration).items() if value is not None]
         if given:
-            raise ValueError(f"magnitude prunes by |W| alone and calibrates on nothing; drop "
-                             f"{', '.join(given)}")
+            raise ValueError("magnitude prunes by |W| alone and calibrates on nothing; drop "
+                             + ", ".join("--" + key.replace("_", "-") for key in given))
         windows = None
     else:
         if data is None:
@@ -153,17 +167,19 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
                               batch_size=batch_size)
     else:
         pruner = make_method(method)
+    datasets = [source_name(data)] if data is not None else []
+    execution = dict(dtype=str(lm.dtype).removeprefix("torch."), batch_size=batch_size)
     provenance = dict(verb="prune", method=method, pattern=parsed.exact,
-                      options=options.to_dict() if options else None,
-                      datasets=[data] if data is not None else [], windows=windows,
+                      options=options.to_dict() if options else None, datasets=datasets,
+                      windows=windows, **execution, device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       environment=environment())
     state = None
     if method == "copal":
         state = (state_path, history, state_metadata(
-            Path(model_dir).resolve(), fingerprint, [data], options, parsed,
+            Path(model_dir).resolve(), fingerprint, datasets, options, parsed,
             num_calibration=windows["num_calibration"], seq_len=windows["seq_len"],
-            seed=windows["seed"]))
+            seed=windows["seed"], **execution))
     calibration_windows = dataset.calibration if dataset is not None else torch.empty(0, 1)
     log(f"pruning {model_dir} with {method} at {parsed}"
         + (f" on {data} ({len(calibration_windows)} windows of {windows['seq_len']} tokens)"
@@ -199,7 +215,7 @@ def _check_history_fits(history: Dict[str, LayerHistory], lm: LayeredModel, stat
 
 
 def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] = None,
-                        device="cpu", batch_size="auto", dtype="auto",
+                        device="cpu", batch_size=None, dtype=None,
                         offload_activations: bool = False, state_out=None,
                         overwrite: bool = False, log=print) -> Path:
     """Add dataset ``data`` to a COPAL run from its saved state alone (no past data): masks are
@@ -207,11 +223,21 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
 
     The dense model is the one the state names, or ``model`` (where it is now); either way its
     fingerprint (weights and architecture) must be the state's, and the state's layers must be
-    the model's. The pattern, options and window definition come from the state. Raises, before
-    any work: ValueError, OutputError, CheckpointError, DataError."""
+    the model's. The pattern, options, window definition, compute dtype and batch size come from
+    the state: ``dtype`` (None: the state's) must be the state's, a ``batch_size`` other than
+    the state's is taken and said (its rounding may move near-tied weights, docs/usage.md).
+    Raises, before any work: ValueError, OutputError, CheckpointError, DataError."""
+    history, meta = load_state(state)
+    if dtype is not None and str(resolve_dtype(dtype, device)).removeprefix("torch.") != meta["dtype"]:
+        raise ValueError(f"{state}: its steps computed in {meta['dtype']}; continuing in "
+                         f"{resolve_dtype(dtype, device)} would mix precisions (drop --dtype)")
+    dtype = meta["dtype"]
+    if batch_size is None:
+        batch_size = meta["batch_size"]
+    elif batch_size != meta["batch_size"]:
+        log(f"note: batch size {batch_size} where the state's steps used {meta['batch_size']}")
     check_execution(device=device, dtype=dtype, batch_size=batch_size,
                     offload_activations=offload_activations)
-    history, meta = load_state(state)
     if meta["step_weights"]:
         raise ValueError(f"{state}: made with fixed step weights lambda={meta['step_weights']} "
                          "for its steps; continuing it would need one more, which copal "
@@ -225,7 +251,7 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                                     "with where it is now")
     else:
         model_dir = resolve_model(model, progress=log)
-    out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir])
+    out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir, Path(state)])
     state_path = _state_target(state_out, out, overwrite=overwrite,
                                protect=[model_dir, Path(state)])
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
@@ -242,9 +268,11 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
     pruner = copal_method(lm, history, dataset.calibration, options, device=device,
                           batch_size=batch_size)
     log(f"COPAL step {len(meta['datasets']) + 1} on {data} after {', '.join(meta['datasets'])}")
-    meta = dict(meta, datasets=meta["datasets"] + [data], model=str(Path(model_dir).resolve()))
+    meta = dict(meta, datasets=meta["datasets"] + [source_name(data)],
+                model=str(Path(model_dir).resolve()), batch_size=batch_size)
     provenance = dict(verb="continue", method="copal", pattern=pattern.exact,
                       options=options.to_dict(), datasets=meta["datasets"], windows=windows,
+                      dtype=meta["dtype"], batch_size=batch_size, device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       state=str(Path(state).resolve()), environment=environment())
     out = _write_pruned(lm, model_dir, out, overwrite, lambda done: prune_sweep(
@@ -374,4 +402,6 @@ class ContinualPruner:
         return save_state(target, self.history, state_metadata(
             getattr(self.lm.model.config, "_name_or_path", ""), self.model_fingerprint, datasets,
             self.spec.options, self.pattern, num_calibration=self.window_shape[0],
-            seq_len=self.window_shape[1], seed=seed))
+            seq_len=self.window_shape[1], seed=seed,
+            dtype=str(self.lm.dtype).removeprefix("torch."),
+            batch_size=self.options["batch_size"]))

@@ -3,6 +3,8 @@ model shard by shard, atomically. The input directory is only ever read."""
 
 import hashlib
 import json
+import os
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -16,6 +18,14 @@ from .outputs import WorkDir, check_output_dir, replace_directory
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+# the float dtypes of safetensors headers
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                      "F16": torch.float16}
+# files of a checkpoint that hold weights (never copied to a pruned output: it has its own)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                   ".onnx", ".npz")
 
 
 class CheckpointError(RuntimeError):
@@ -63,11 +73,21 @@ class ShardReader:
         if missing:
             raise CheckpointError(f"{self.directory}: missing shard(s) {', '.join(missing)}")
         self.weight_map: Dict[str, str] = weight_map
+        self._headers: Optional[Dict[str, tuple]] = None
 
-    def shape(self, name: str) -> List[int]:
-        """A tensor's shape from its shard's header (no data is read)."""
-        with self._open(self.weight_map[name]) as handle:
-            return list(handle.get_slice(name).get_shape())
+    def headers(self) -> Dict[str, tuple]:
+        """{name: (torch dtype or the header's dtype name, shape)} of every tensor, from the
+        shards' headers (no data is read; each shard is opened once)."""
+        if self._headers is None:
+            headers = {}
+            for shard in sorted(set(self.weight_map.values())):
+                with self._open(shard) as handle:
+                    for name in handle.keys():
+                        view = handle.get_slice(name)
+                        dtype = view.get_dtype()
+                        headers[name] = (SAFETENSORS_DTYPES.get(dtype, dtype), tuple(view.get_shape()))
+            self._headers = headers
+        return self._headers
 
     def tensor_digests(self, names: Iterable[str]) -> Dict[str, str]:
         """{name: :func:`tensor_digest`} of the named tensors, hashing each shard they are in
@@ -158,6 +178,21 @@ def read_config_json(directory) -> dict:
     return config
 
 
+def copy_non_weights(source: Path, target: Path, skip=()) -> List[str]:
+    """Copy every top-level file of checkpoint ``source`` that holds no weights (config,
+    generation config, tokenizer, chat template, model card, ...) into ``target``, as it is:
+    a pruned copy reads exactly as its input does. Returns the names copied."""
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        name = path.name
+        if (not path.is_file() or name.startswith(".") or name == INDEX_NAME or name in skip
+                or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")):
+            continue
+        shutil.copy2(path, Path(target) / name)
+        copied.append(name)
+    return copied
+
+
 class ShardWriter:
     """Writes a checkpoint shard by shard into a hidden staging folder beside ``directory`` and
     moves it into place on :meth:`finish`, so a reader never sees half a model.
@@ -179,6 +214,9 @@ class ShardWriter:
         self.work = WorkDir(self.directory.parent,
                             self.STAGING_PREFIX.format(name=self.directory.name))
         self.staging = self.work.path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.staging, 0o777 & ~umask)  # a folder of the user's umask, not mkdtemp's 0700
         self.num_shards = num_shards
         self.weight_map: Dict[str, str] = {}
         self.total_size = 0

@@ -35,6 +35,25 @@ INTERRUPTED = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line naming the verb (no usage block), and an option
+    given twice is an error (argparse would keep the last one silently)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        seen = set()
+        for token in sys.argv[1:] if args is None else args:
+            option = str(token).split("=", 1)[0]
+            if option.startswith("--") and option in self._option_string_actions:
+                action = self._option_string_actions[option]
+                if not isinstance(action, argparse._AppendAction) and option in seen:
+                    self.error(f"{option} is given twice")
+                seen.add(option)
+        return super().parse_known_args(args, namespace)
+
+
 def _parser(sub, name, **kwargs):
     return sub.add_parser(name, allow_abbrev=False, **kwargs)
 
@@ -58,10 +77,12 @@ def _batch_size(text: str):
     return text if text == "auto" else int(text)
 
 
+_batch_size.__name__ = "batch size (a positive integer or auto)"  # argparse's error names it
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="copal", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="copal", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     exp = _parser(sub, "experiment", help="run a continual experiment; report and plots")
     exp.add_argument("--config", help="TOML or JSON file (see docs/usage.md; relative paths in it "
@@ -111,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     cont.add_argument("--overwrite", action="store_true",
                       help="replace an output that copal wrote (never anything else)")
     _common(cont, calibration=False)
+    cont.set_defaults(dtype=None)  # the state's; another one is refused
 
     ev = _parser(sub, "evaluate", help="perplexity of a checkpoint on test windows")
     ev.add_argument("--model", required=True)
@@ -161,20 +183,22 @@ def _experiment(args):
 
 
 def _report(args):
-    from .experiment import merge_results
+    from .experiment import check_report_dir, merge_results, read_results
     from .report import print_summary, write_report
 
     if len(args.directories) > 1 and not args.out:
         raise ValueError("several results directories need --out for the merged report")
     parts = []
     for directory in args.directories:
-        path = Path(directory) / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no results of `copal experiment`")
-        parts.append(json.loads(path.read_text()))
+        results = read_results(directory)
+        if results is None:
+            raise FileNotFoundError(f"{Path(directory) / 'results.json'}: no results of "
+                                    "`copal experiment`")
+        parts.append(results)
+    out = check_report_dir(args.out) if args.out else Path(args.directories[0])
     results = merge_results(parts)
     print_summary(results)
-    print(f"report {write_report(results, args.out or args.directories[0])}")
+    print(f"report {write_report(results, out)}")
 
 
 def _run(args):
@@ -186,7 +210,7 @@ def _run(args):
         from .api import continue_checkpoint
 
         continue_checkpoint(args.state, args.data, args.out, model=args.model, device=args.device,
-                            batch_size=args.batch_size or "auto", dtype=args.dtype,
+                            batch_size=args.batch_size, dtype=args.dtype,
                             offload_activations=args.offload_activations,
                             state_out=args.state_out, overwrite=args.overwrite)
     elif args.command == "evaluate":
@@ -214,7 +238,11 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # blamed on the verb they were given to, not on `copal`
+        verbs = parser._subparsers._group_actions[0].choices
+        verbs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:  # one line per step when the output goes to a file
         sys.stdout.reconfigure(line_buffering=True)
     except (AttributeError, ValueError):

@@ -67,6 +67,9 @@ class RunSpec:
             if self.method == "magnitude":
                 raise ValueError("magnitude uses no calibration windows: a run's num_calibration "
                                  "does not apply to it")
+        if self.method == "magnitude" and self.protocol == "joint":
+            raise ValueError("magnitude uses no data, so its joint protocol is restart; use "
+                             "restart or cascade")
 
     RUN_KEYS = ("method", "protocol", "pattern", "num_calibration")
 
@@ -94,17 +97,20 @@ class RunSpec:
     def label(self) -> str:
         extra = self.options.label if self.options is not None else ""
         samples = f" n={self.num_calibration}" if self.num_calibration else ""
-        return f"{self.method}{extra}-{self.protocol} {self.pattern}{samples}"
+        # the pattern as parsed: 0.5 and 50% are one run
+        return f"{self.method}{extra}-{self.protocol} {Pattern.parse(self.pattern)}{samples}"
 
 
 def state_metadata(model, model_fingerprint: str, datasets: List[str], options: CopalOptions,
-                   pattern: Pattern, *, num_calibration: int, seq_len: int, seed) -> dict:
+                   pattern: Pattern, *, num_calibration: int, seq_len: int, seed, dtype: str,
+                   batch_size) -> dict:
     """What a COPAL state file records (``copal.state.METADATA_KEYS``): enough for ``copal
-    continue`` to redo a step the same way with a new dataset, and to check that the dense
-    model it is given is the one the state was made from."""
+    continue`` to redo a step the same way with a new dataset (windows, compute dtype, batch
+    size), and to check that the dense model it is given is the one the state was made from."""
     return {"model": str(model), "model_fingerprint": model_fingerprint,
             "datasets": list(datasets), "pattern": pattern.exact, **options.to_dict(),
-            "num_calibration": num_calibration, "seq_len": seq_len, "seed": seed}
+            "num_calibration": num_calibration, "seq_len": seq_len, "seed": seed,
+            "dtype": dtype, "batch_size": batch_size}
 
 
 @dataclass

@@ -117,6 +117,8 @@ def read_text_file(path: Path) -> str:
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
         raise DataError(f"{path}: a gzip-compressed file; decompress it first (gunzip -k)")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: UTF-16 text; convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in data[:1 << 20]:
         raise DataError(f"{path}: a binary file (it holds NUL bytes), not text")
     try:
@@ -147,6 +149,11 @@ def load_text(source: str) -> str:
     if not text.strip():
         raise DataError(f"source {source!r} is empty")
     return text
+
+
+def source_name(source: str) -> str:
+    """How a source is recorded: a registered corpus by its name, a path resolved."""
+    return source if source in SOURCES else str(Path(source).expanduser().resolve())
 
 
 def source_id(source: str) -> str:
@@ -207,7 +214,12 @@ def make_dataset(source: str, tokenizer, *, num_calibration: int = 32, num_test:
         raise DataError(f"{source}: {len(train)} training tokens, need more than {seq_len}")
     if num_test and len(test) < seq_len:
         raise DataError(f"{source}: {len(test)} test tokens, need at least {seq_len}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     calibration = torch.empty(0, seq_len, dtype=torch.int64)
+    if num_calibration and num_calibration > len(train) - seq_len:
+        raise DataError(f"{source}: {num_calibration} calibration windows of {seq_len} tokens "
+                        f"cannot be distinct in {len(train)} training tokens; ask for fewer")
     if num_calibration:
         generator = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, len(train) - seq_len, (num_calibration,), generator=generator)

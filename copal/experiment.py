@@ -33,14 +33,14 @@ from .assets import SMOLLM2_NAME, resolve_model
 from .atomic import write_atomically
 from .checkpoint import CheckpointError
 from .continual import RunSpec, RunStore, run_continual, state_metadata
-from .data import SOURCES, check_window_counts, make_dataset, windows_digest
+from .data import SOURCES, check_window_counts, make_dataset, source_name, windows_digest
 from .evaluate import perplexities
 from .methods import Pattern
 from .model import LayeredModel, check_execution, resolve_dtype
-from .outputs import OutputError, probe_writable
+from .outputs import OutputError, probe_writable, refuse_dangerous
 from .phases import HostPeak, peak_resident_bytes
-from .report import plot_files, print_summary, write_report
-from .state import save_state
+from .report import is_report, plot_files, print_summary, write_report
+from .state import is_state_file, save_state
 from copal_kernels.machine import environment
 
 try:
@@ -69,8 +69,21 @@ class ExperimentConfig:
         RunSpec("copal", "continual", "50%"), RunSpec("wanda", "restart", "50%")])
 
     def __post_init__(self):
+        kinds = {str: "a string", int: "an integer", bool: "true or false"}
+        for key, kind in (("model", str), ("device", str), ("dtype", str), ("seed", int),
+                          ("offload_activations", bool)):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"config: {key} must be {kinds[kind]}, got {value!r}")
+        if not isinstance(self.sources, list) or not all(isinstance(s, str) for s in self.sources):
+            raise ValueError(f"config: sources must be a list of names or paths, got {self.sources!r}")
+        if self.heldout is not None and not isinstance(self.heldout, str):
+            raise ValueError(f"config: heldout must be a name or a path, got {self.heldout!r}")
         if not self.sources:
             raise ValueError("config: sources is empty")
+        # file sources by where they are, so one file named two ways is one source
+        self.sources = [source_name(s) for s in self.sources]
+        self.heldout = source_name(self.heldout) if self.heldout else None
         if len(set(self.sources)) != len(self.sources) or self.heldout in self.sources:
             raise ValueError("config: every source (and the held-out one) must be named once")
         check_window_counts(num_calibration=self.num_calibration, num_test=self.num_test,
@@ -100,6 +113,9 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         if "runs" in data:
+            if not isinstance(data["runs"], list) or not all(isinstance(r, dict) for r in data["runs"]):
+                raise ValueError("runs must be a list of tables ([[runs]] in TOML, a list of "
+                                 "objects in JSON)")
             data["runs"] = [RunSpec.from_dict(run) for run in data["runs"]]
         if base is not None:
             if data.get("model", SMOLLM2_NAME) != SMOLLM2_NAME:
@@ -114,6 +130,8 @@ class ExperimentConfig:
     def load(cls, path) -> "ExperimentConfig":
         """A TOML or JSON file; relative paths in it are relative to its folder."""
         path = Path(path)
+        if path.suffix not in (".toml", ".json"):
+            raise ValueError(f"config {path}: a .toml or .json file, please")
         try:
             text = path.read_text()
         except OSError as error:
@@ -179,6 +197,7 @@ def merge_results(parts: List[dict]) -> dict:
             runs.append(dict(run, spec=spec))
     return {"config": first, "environment": parts[0]["environment"], "runs": runs,
             "dense": parts[0].get("dense"),
+            "unfinished": parts[0].get("unfinished") if len(parts) == 1 else None,
             "peak_rss_mb": max(part.get("peak_rss_mb", 0.0) for part in parts)}
 
 
@@ -198,22 +217,48 @@ def _differences(previous: dict, config: dict, identity: dict) -> List[str]:
         return ["written by an older copal, without fingerprints of its data and model"]
     found = [f"{key} {previous['config'].get(key)!r} -> {config[key]!r}" for key in RESULT_KEYS
              if previous["config"].get(key) != config[key]]
+    windows_changed = bool(found)  # then the windows' digests differ anyway
     old = previous.get("identity", {})
     if old.get("model_fingerprint") != identity["model_fingerprint"]:
         found.append("the model's weights or architecture (fingerprint)")
     old_data, new_data = old.get("data", {}), identity["data"]
-    found += [f"the windows of {name} (its text or the tokenizer changed)"
-              for name in new_data if name in old_data and old_data[name] != new_data[name]]
+    if not windows_changed:
+        found += [f"the windows of {name} (its text or the tokenizer changed)"
+                  for name in new_data if name in old_data and old_data[name] != new_data[name]]
     for key in ("dtype", "device", "batch_size"):
         if old.get(key) != identity[key]:
             found.append(f"{key} {old.get(key)!r} -> {identity[key]!r}")
     return found
 
 
-# what `copal experiment` writes into its output directory, and all that --overwrite removes
+LOCK_NAME = ".copal-experiment.lock"
+
+
+def read_results(directory) -> Optional[dict]:
+    """The results.json that ``copal experiment`` wrote in ``directory``, or None (none there,
+    or a file of that name that is not copal's)."""
+    try:
+        results = json.loads((Path(directory) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(results, dict) and isinstance(results.get("config"), dict) \
+            and isinstance(results.get("runs"), list):
+        return results
+    return None
+
+
+def _is_ours(out: Path) -> bool:
+    """An output directory that copal experiment made: its results.json, or nothing but the
+    lock and the progress of a run killed before its first results."""
+    return read_results(out) is not None or all(
+        p.name in (LOCK_NAME, PROGRESS_DIR) for p in out.iterdir())
+
+
+# what `copal experiment` writes into its output directory: all that --overwrite removes
 def _own_files(out: Path) -> List[Path]:
     names = ["results.json", "report.md", PROGRESS_DIR, *plot_files()]
-    return [out / n for n in names if (out / n).exists()] + sorted(out.glob("state-*.safetensors"))
+    return [out / n for n in names if (out / n).exists()] + [
+        p for p in sorted(out.glob("state-*.safetensors")) if is_state_file(p)]
 
 
 class _ExperimentLock:
@@ -221,7 +266,7 @@ class _ExperimentLock:
     process dies, even by SIGKILL)."""
 
     def __init__(self, out: Path):
-        self.handle = open(out / ".copal-experiment.lock", "a+")
+        self.handle = open(out / LOCK_NAME, "a+")
         if fcntl is not None:
             try:
                 fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -233,13 +278,35 @@ class _ExperimentLock:
         self.handle.close()
 
 
-def _check_out(out_dir) -> Path:
-    """The output directory, checked (not created: that waits until the inputs are checked)."""
-    if out_dir is None or not str(out_dir).strip():
-        raise OutputError("--out is an empty path (an unset shell variable?)")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a directory")
+def _check_out(out_dir, model_dir: Path) -> Path:
+    """The output directory, checked (not created: that waits until the inputs are checked):
+    never a place :func:`copal.outputs.refuse_dangerous` refuses, nor inside the model; if it
+    exists and is not empty, it must hold copal's own results (then they are resumed)."""
+    out = refuse_dangerous(out_dir, "--out")
+    model = Path(model_dir).resolve()
+    if out == model or model in out.parents:
+        raise OutputError(f"--out {out_dir} lies inside the model {model_dir}; choose a "
+                          "directory outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"--out {out_dir} is a file, not a directory")
+        if not _is_ours(out):
+            raise OutputError(f"--out {out_dir} is not empty and holds no results of copal "
+                              "experiment; choose a new or empty directory")
+    probe_writable(out, "--out")
+    return out
+
+
+def check_report_dir(path) -> Path:
+    """Where ``copal report --out`` may write: a new or empty directory, a results directory of
+    copal experiment, or one holding a report that copal wrote (OutputError otherwise)."""
+    out = refuse_dangerous(path, "--out")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"--out {path} is a file, not a directory")
+        if any(out.iterdir()) and not _is_ours(out) and not is_report(out / "report.md"):
+            raise OutputError(f"--out {path} is not empty and holds no report or results of "
+                              "copal; choose a new or empty directory")
     probe_writable(out, "--out")
     return out
 
@@ -256,11 +323,7 @@ def run_experiment(config: ExperimentConfig, out_dir, *, overwrite: bool = False
     check_execution(device=config.device, dtype=config.dtype, batch_size=config.batch_size,
                     offload_activations=config.offload_activations)
     model_dir = resolve_model(config.model, progress=log)
-    if Path(out_dir).expanduser().resolve() == Path(model_dir).resolve() or \
-            Path(model_dir).resolve() in Path(out_dir).expanduser().resolve().parents:
-        raise OutputError(f"--out {out_dir} lies inside the model {model_dir}; choose a "
-                          "directory outside it")
-    out = _check_out(out_dir)
+    out = _check_out(out_dir, model_dir)
     return _run(config, out, model_dir, overwrite, log)
 
 
@@ -308,6 +371,11 @@ def _continue(config, out, lm, identity, datasets, heldout, model_dir, overwrite
     for run in results["runs"]:
         if run["label"] not in labels:
             log(f"kept: {run['label']} (finished before; not in this config)")
+    keys = {_slug(spec.label) for spec in config.runs}
+    for progress in sorted((out / PROGRESS_DIR).glob("*/progress.json")):
+        if progress.parent.name not in keys:
+            log(f"kept: the unfinished steps in {progress.parent} (a run not in this config; add "
+                "it back to resume it, or delete the folder)")
 
     def save(unfinished=None):
         results["environment"] = environment()
@@ -354,11 +422,13 @@ def _previous_results(path: Path, out: Path, config: dict, identity: dict, overw
         if (out / PROGRESS_DIR).is_dir():  # steps of a run killed before any results.json
             shutil.rmtree(out / PROGRESS_DIR)
         return None
+    previous = read_results(out)
+    if previous is None:
+        raise OutputError(f"{path} is not a results.json of copal experiment; choose another --out")
     try:
-        previous = json.loads(path.read_text())
         differences = _differences(previous, config, identity)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        differences = ["it is not a readable results.json of copal experiment"]
+    except (KeyError, TypeError, AttributeError):
+        differences = ["its results.json is damaged"]
     if not differences:
         return previous
     if not overwrite:
@@ -411,7 +481,10 @@ def _run_one(spec, key, lm, model_dir, identity, datasets, heldout, config, out,
             Path(model_dir).resolve(), identity["model_fingerprint"], run["datasets"],
             spec.options, Pattern.parse(spec.pattern),
             num_calibration=spec.num_calibration or config.num_calibration,
-            seq_len=config.seq_len, seed=config.seed))
+            seq_len=config.seq_len, seed=config.seed, dtype=identity["dtype"],
+            batch_size=config.batch_size))
         run["state_file"] = state_name
     store.close()
+    if not any(store.directory.parent.iterdir()):
+        store.directory.parent.rmdir()
     return run

@@ -45,6 +45,8 @@ def check_execution(*, device, dtype="auto", batch_size="auto", offload_activati
         raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:1)") from None
     if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: copal runs on cpu or cuda")
+    if parsed.type == "cpu" and parsed.index not in (None, 0):
+        raise ValueError(f"device {device!r}: the CPU is one device; use cpu")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: no CUDA GPU is available to this torch "
@@ -90,6 +92,7 @@ class LayeredModel:
         self.config = model.config
         self.reader = reader
         self.source = source
+        self.stored_dtypes: Dict[str, torch.dtype] = {}  # checkpoint key -> dtype on disk
         self.dtype = next(model.get_input_embeddings().parameters()).dtype
         base = model.base_model
         blocks = [m for m in base.children()
@@ -152,14 +155,16 @@ class LayeredModel:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
         layered = cls(model, reader, source)
-        if hasattr(reader, "shape"):
+        if hasattr(reader, "headers"):
             layered._check_stored_shapes()
         layered._materialise_outer()
         return layered
 
     def _check_stored_shapes(self) -> None:
-        """Every tensor of the blocks and the outer modules is in the checkpoint with the shape
-        that the config gives it (read from the shards' headers, no data)."""
+        """Every tensor of the blocks and the outer modules is in the checkpoint, in a float
+        dtype, with the shape that the config gives it; and the blocks hold no tensor the config
+        does not use (a config with fewer layers than the shards). Read from the shards'
+        headers, no data. Records each tensor's stored dtype (:attr:`stored_dtypes`)."""
         expected = {}
         for index in range(self.num_blocks):
             for key, name in self.block_keys(index).items():
@@ -169,14 +174,27 @@ class LayeredModel:
         head_key = f"{self.module_names[id(self.head)]}.weight"
         if getattr(self.config, "tie_word_embeddings", False) or head_key not in self.reader.weight_map:
             expected.pop(head_key, None)  # tied, or checked when the outer modules load
+        headers = self.reader.headers()
         for key, shape in expected.items():
-            if key not in self.reader.weight_map:
+            if key not in headers:
                 raise CheckpointError(f"{self.source}: tensor {key!r} is in no shard")
-            stored = tuple(self.reader.shape(key))
+            dtype, stored = headers[key]
+            where = self.source / self.reader.weight_map[key]
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(f"{where}: tensor {key!r} is stored as {dtype}, not a "
+                                      "float dtype")
             if stored != shape:
-                raise CheckpointError(
-                    f"{self.source / self.reader.weight_map[key]}: tensor {key!r} has shape "
-                    f"{list(stored)}, the config implies {list(shape)}")
+                raise CheckpointError(f"{where}: tensor {key!r} has shape {list(stored)}, the "
+                                      f"config implies {list(shape)}")
+            self.stored_dtypes[key] = dtype
+        prefix = self.block_names[0].rsplit(".", 1)[0] + "." if self.block_names else None
+        unused = sorted(key for key in headers if prefix and key.startswith(prefix)
+                        and key not in expected)
+        if unused:
+            raise CheckpointError(
+                f"{self.source}: the checkpoint holds {unused[0]!r} (and {len(unused) - 1} more "
+                f"block tensors) that a model of this config ({self.config.num_hidden_layers} "
+                "blocks) does not use; is config.json the checkpoint's own?")
 
     def _outer_parameters(self) -> Dict[str, torch.Tensor]:
         """Checkpoint key -> parameter of every module outside the blocks (tied ones once)."""

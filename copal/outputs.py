@@ -123,6 +123,8 @@ def check_output_file(path, *, overwrite: bool, protect: Iterable = (), what: st
     target = Path(path).expanduser().resolve()
     kept = _inside(target, protect)
     if kept is not None:
+        if target == Path(kept).resolve():
+            raise OutputError(f"{what} {path} is an input of this run; choose another path")
         raise OutputError(f"{what} {path} lies inside the input {kept}; choose a path outside it")
     if target.is_dir():
         raise OutputError(f"{what} {path} is a directory, not a file")

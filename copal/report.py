@@ -7,6 +7,8 @@ from typing import List
 from .atomic import write_atomically
 from .methods import Pattern
 
+TITLE = "# Continual pruning report"
+
 
 def _fmt(value: float) -> str:
     return f"{value:.2f}"
@@ -63,7 +65,7 @@ def render_markdown(results: dict, plots: List[Path]) -> str:
     env = results["environment"]
     config = results["config"]
     parts = [
-        "# Continual pruning report",
+        TITLE,
         f"Model `{config['model']}`, sequence {' -> '.join(config['sources'])}, "
         f"{config['num_calibration']} calibration windows and {config['num_test']} test windows "
         f"of {config['seq_len']} tokens per dataset (seed {config['seed']}).",
@@ -179,6 +181,15 @@ def make_plots(results: dict, directory: Path) -> List[Path]:
               lambda r: f"{method_of(r)} {r['spec']['pattern']}",
               "calibration samples", "BWT against calibration samples (Figure 3)", log_x=True)
     return paths
+
+
+def is_report(path) -> bool:
+    """True for a report.md that :func:`write_report` wrote."""
+    try:
+        with open(path) as handle:
+            return handle.readline().rstrip("\n") == TITLE
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_report(results: dict, directory) -> Path:

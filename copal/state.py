@@ -18,7 +18,8 @@ FORMAT = "copal-state/1"
 # what identifies it wherever it is now), the datasets so far, the exact pattern, COPAL's options
 # and the calibration windows' definition
 METADATA_KEYS = ("model", "model_fingerprint", "datasets", "pattern", "gradient", "aggregation",
-                 "normalisation", "group", "step_weights", "num_calibration", "seq_len", "seed")
+                 "normalisation", "group", "step_weights", "num_calibration", "seq_len", "seed",
+                 "dtype", "batch_size")
 
 
 def _missing_keys(metadata: dict) -> list:
@@ -82,6 +83,9 @@ def load_state(path) -> Tuple[Dict[str, LayerHistory], dict]:
     """(history, metadata) from :func:`save_state`'s file; a file that is not one, or lacks
     metadata, raises ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a COPAL state file (it is a .safetensors "
+                         "file, copal-state.safetensors in a pruned checkpoint)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such COPAL state file")
     try:

@@ -227,8 +227,11 @@ def test_checks_come_before_any_work(checkpoint, corpus, tmp_path, monkeypatch, 
         (["--out", str(tmp_path / "o"), "--num-calibration", "0"], "at least 1"),
     ]
     for extra, message in checks:
+        defaults = {"--num-calibration": "4", "--seq-len": "32"}
+        for option in extra[::2]:
+            defaults.pop(option, None)
         argv = ["prune", "--model", str(checkpoint), "--data", str(corpus), "--method", "copal",
-                "--gradient", "lm", "--num-calibration", "4", "--seq-len", "32", *extra]
+                "--gradient", "lm", *[x for pair in defaults.items() for x in pair], *extra]
         assert main(argv) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
@@ -355,3 +358,152 @@ def test_experiment_output_inside_the_model_is_refused(checkpoint, corpus, capsy
                  "--set", f'model="{checkpoint}"', "--set", f'sources=["{corpus}"]']) == 2
     assert "lies inside the model" in capsys.readouterr().err
     assert _files(checkpoint) == before
+
+
+def test_experiment_and_report_outputs_keep_what_is_not_theirs(checkpoint, corpus, tmp_path,
+                                                               monkeypatch, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    (mine / "results.json").write_text('{"mine": 1}')
+    (mine / "state-mine.safetensors").write_text("not a state")
+    base = ["--set", f'model="{checkpoint}"', "--set", f'sources=["{corpus}"]', "--set",
+            'runs=[{"method": "magnitude", "protocol": "restart"}]', "--set", "num_test=1",
+            "--set", "seq_len=32", "--set", "num_calibration=1"]
+    for extra in ([], ["--overwrite"]):
+        assert main(["experiment", "--out", str(mine), *base, *extra]) == 2
+        assert "holds no results of copal experiment" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md", "results.json",
+                                                      "state-mine.safetensors"]
+    assert (mine / "report.md").read_text() == "my notes"
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "--out", ".", *base]) == 2
+    assert "working directory" in capsys.readouterr().err
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "--out", str(out), *base]) == 0
+    assert not (out / ".copal-progress").exists()
+    assert main(["report", str(out), "--out", str(mine)]) == 2
+    assert "holds no report or results of copal" in capsys.readouterr().err
+    assert main(["report", str(out), "--out", str(tmp_path / "a-report")]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "a-report")]) == 0  # its own
+
+
+def test_continue_never_replaces_its_input_state(checkpoint, corpus, corpus_b, tmp_path, capsys):
+    first = tmp_path / "c1"
+    assert _prune(checkpoint, corpus, first, "--method", "copal") == 0
+    state = first / "copal-state.safetensors"
+    before = state.read_bytes()
+    for extra in (["--out", str(first), "--overwrite"],
+                  ["--out", str(tmp_path / "c2"), "--state-out", str(state), "--overwrite"]):
+        assert main(["continue", "--state", str(state), "--data", str(corpus_b), *extra]) == 2
+        assert "input" in capsys.readouterr().err
+    assert state.read_bytes() == before
+    assert main(["continue", "--state", str(first), "--data", str(corpus_b),
+                 "--out", str(tmp_path / "c3")]) == 2
+    assert "is a directory, not a COPAL state file" in capsys.readouterr().err
+    assert main(["continue", "--state", str(state), "--data", str(corpus_b), "--dtype",
+                 "bfloat16", "--out", str(tmp_path / "c4")]) == 2
+    assert "its steps computed in float32" in capsys.readouterr().err
+
+
+def test_failed_run_neither_leaves_nor_replaces_a_state(checkpoint, corpus, tmp_path, monkeypatch):
+    import copal.checkpoint
+
+    kept = tmp_path / "kept.safetensors"
+    assert _prune(checkpoint, corpus, tmp_path / "first", "--method", "copal",
+                  "--state-out", str(kept)) == 0
+    before = kept.read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(copal.checkpoint, "replace_directory", disk_full)
+    assert _prune(checkpoint, corpus, tmp_path / "second", "--method", "copal",
+                  "--state-out", str(kept), "--overwrite", "--seed", "1") == 2
+    assert kept.read_bytes() == before
+    assert not (tmp_path / "second").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_output_is_the_input_in_its_own_dtype_with_its_files_and_permissions(tmp_path, corpus):
+    model = tiny_model().to(torch.bfloat16)
+    model.generation_config.pad_token_id = 1
+    source = tmp_path / "bf16"
+    model.save_pretrained(source)
+    word_tokenizer(96).save_pretrained(source)
+    old = os.umask(0o022)
+    try:
+        assert _prune(source, corpus, tmp_path / "out", "--method", "sparsegpt") == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert (out.stat().st_mode & 0o777) == 0o755
+    for shard in out.glob("model-*.safetensors"):
+        assert {t.dtype for t in load_file(shard).values()} == {torch.bfloat16}
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["datasets"] == [str(corpus.resolve())] and marker["dtype"] == "float32"
+
+
+def test_checkpoints_whose_config_does_not_match_their_tensors(checkpoint, corpus, tmp_path,
+                                                               capsys):
+    fewer = tmp_path / "fewer"
+    shutil.copytree(checkpoint, fewer)
+    config = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=1)))
+    assert _prune(fewer, corpus, tmp_path / "out") == 2
+    assert "does not use" in capsys.readouterr().err
+    integer = tmp_path / "integer"
+    shutil.copytree(checkpoint, integer)
+    index = json.loads((integer / "model.safetensors.index.json").read_text())
+    shard = integer / index["weight_map"]["model.layers.0.mlp.up_proj.weight"]
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.ones(48, 32, dtype=torch.int32)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert _prune(integer, corpus, tmp_path / "out") == 2
+    assert "stored as I32, not a float dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cpu:1"], "the CPU is one device"),
+    (["--seed", "1", "--seed", "2"], "--seed is given twice"),
+    (["--batch-size", "abc"], "invalid batch size"),
+    (["--nonsense"], "copal prune: error: unrecognized arguments: --nonsense"),
+], ids=["cpu-index", "twice", "batch-size", "unknown"])
+def test_cli_errors_are_one_line_naming_the_verb(checkpoint, corpus, tmp_path, capsys, argv,
+                                                 message):
+    try:
+        code = _prune(checkpoint, corpus, tmp_path / "out", *argv)
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_config_files_and_sources_are_checked(tmp_path, corpus):
+    from copal.experiment import ExperimentConfig
+
+    def load(name, text):
+        (tmp_path / name).write_text(text)
+        return ExperimentConfig.load(tmp_path / name)
+
+    with pytest.raises(ValueError, match="a .toml or .json file"):
+        load("c.yaml", "{}")
+    with pytest.raises(ValueError, match="list of tables"):
+        load("c.toml", '[runs]\nmethod = "wanda"\nprotocol = "restart"\n')
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        load("s.json", '{"seed": 1.5}')
+    shutil.copy(corpus, tmp_path / "a.txt")
+    with pytest.raises(ValueError, match="named once"):
+        load("d.json", json.dumps({"sources": ["a.txt", str(tmp_path / "a.txt")]}))
+    with pytest.raises(ValueError, match="joint protocol is restart"):
+        load("m.json", json.dumps({"runs": [{"method": "magnitude", "protocol": "joint"}]}))
+    config = load("p.json", json.dumps({"runs": [{"method": "wanda", "protocol": "restart",
+                                                   "pattern": "0.5"}]}))
+    assert config.runs[0].label == "wanda-restart 50%"
+    (tmp_path / "u16.txt").write_bytes("some text".encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16"):
+        make_dataset(str(tmp_path / "u16.txt"), word_tokenizer(96), num_calibration=1)
