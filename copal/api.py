@@ -9,6 +9,8 @@ written shard by shard into a staging folder that replaces the output only when 
 """
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -17,9 +19,11 @@ from transformers import AutoTokenizer
 
 from .assets import resolve_model
 from .checkpoint import CheckpointError, ShardWriter, copy_non_weights
-from .continual import DenseWeights, RunSpec, copal_method, prune_step, state_metadata
+from .continual import (DenseWeights, RunSpec, copal_method, hessian_state, prune_step,
+                        state_metadata)
 from .data import check_window_counts, make_dataset, source_name
 from .evaluate import perplexities
+from .hessian import check_hessian_dir, hessian_dir
 from .methods import CopalOptions, LayerHistory, Pattern, make_method
 from .model import LayeredModel, check_execution, resolve_dtype
 from .outputs import MARKER, check_output_dir, check_output_file, write_marker
@@ -62,17 +66,36 @@ def _state_target(state_out, out: Path, *, overwrite: bool, protect) -> Path:
                              what="--state-out", is_ours=is_state_file)
 
 
+def _pending(path: Path) -> Path:
+    """A hidden name beside ``path`` for a file that replaces it only once a run succeeds."""
+    return path.with_name(f".{path.stem}.copal-pending-{os.getpid()}{path.suffix}")
+
+
 def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool, run_sweep,
                   provenance: dict, state=None) -> Path:
-    """Run ``run_sweep(on_block_done)`` writing each finished block as a shard of ``out``, each
-    tensor in the dtype the input stores it in (computations may run in another); then copy the
-    input's other files (config, tokenizer, generation config, ...), write the provenance marker
-    and ``state`` (``(path, history, metadata)``). A state inside ``out`` lands with the
-    checkpoint; one elsewhere is written beside its target and moved there only once the
-    checkpoint has landed, so a failed run neither leaves nor replaces a state."""
+    """Run ``run_sweep(on_block_done, hessian_target)`` writing each finished block as a shard
+    of ``out``, each tensor in the dtype the input stores it in (computations may run in
+    another); then copy the input's other files (config, tokenizer, generation config, ...),
+    write the provenance marker and ``state`` (``(path, history, metadata, obs)``;
+    ``hessian_target``: where the sweep writes the state's second-order blocks when ``obs``,
+    else None). A state inside ``out`` lands with the checkpoint; one elsewhere is written
+    beside its target and moved there only once the checkpoint has landed, so a failed run
+    neither leaves nor replaces a state."""
     writer = ShardWriter(out, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
-    pending = None
+    moves = []  # (written, final): a state outside the output, moved in after it lands
     try:
+        staged = hessians = None
+        if state is not None:
+            path, obs = state[0], state[3]
+            if path.parent == out or out in path.parents:
+                staged = writer.staging / path.relative_to(out)
+            else:
+                staged = _pending(path)
+                moves.append((staged, path))
+                if obs:
+                    moves.append((hessian_dir(staged), hessian_dir(path)))
+            hessians = hessian_dir(staged) if obs else None
+
         def stored(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             return {key: tensor.to(lm.stored_dtypes.get(key, tensor.dtype))
                     for key, tensor in tensors.items()}
@@ -82,29 +105,26 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             writer.write_shard(index, stored(
                 {f"{prefix}.{k}": v for k, v in block.state_dict().items()}))
 
-        run_sweep(write_block)
+        run_sweep(write_block, hessians)
         writer.write_shard(lm.num_blocks, stored(lm.outer_state()))
 
         def save_extra(staging):
-            nonlocal pending
             copy_non_weights(model_dir, staging, skip=(MARKER,))
             write_marker(staging, provenance)
             if state is not None:
-                path, history, metadata = state
-                if path.parent == out or out in path.parents:
-                    save_state(staging / path.relative_to(out), history, metadata)
-                else:
-                    pending = path.with_name(f".{path.name}.copal-pending-{os.getpid()}")
-                    save_state(pending, history, metadata)
+                save_state(staged, state[1], state[2])
 
         landed = writer.finish(save_extra)
-        if pending is not None:
-            os.replace(pending, state[0])
+        for written, final in moves:
+            if written.is_dir() and final.is_dir():
+                shutil.rmtree(final)  # the older state's blocks, replaced with its file
+            os.replace(written, final)
         return landed
     except BaseException:
         writer.abort()
-        if pending is not None:
-            pending.unlink(missing_ok=True)
+        for written, _ in moves:
+            shutil.rmtree(written, ignore_errors=True) if written.is_dir() else \
+                written.unlink(missing_ok=True)
         raise
 
 
@@ -162,11 +182,11 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
         dataset = make_dataset(data, _tokenizer(model_dir), num_test=0, **windows)
     fingerprint = lm.fingerprint()
     history: Dict[str, LayerHistory] = {}
-    if method == "copal":
-        pruner = copal_method(lm, history, dataset.calibration, options, device=device,
-                              batch_size=batch_size)
-    else:
+    if method != "copal":
         pruner = make_method(method)
+    else:  # the OBS update's method is made in the sweep, where its state is written
+        pruner = None if options.obs else copal_method(lm, history, dataset.calibration, options,
+                                                       device=device, batch_size=batch_size)
     datasets = [source_name(data)] if data is not None else []
     execution = dict(dtype=str(lm.dtype).removeprefix("torch."), batch_size=batch_size)
     provenance = dict(verb="prune", method=method, pattern=parsed.exact,
@@ -179,14 +199,21 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
         state = (state_path, history, state_metadata(
             Path(model_dir).resolve(), fingerprint, datasets, options, parsed,
             num_calibration=windows["num_calibration"], seq_len=windows["seq_len"],
-            seed=windows["seed"], **execution))
+            seed=windows["seed"], **execution), options.obs)
     calibration_windows = dataset.calibration if dataset is not None else torch.empty(0, 1)
     log(f"pruning {model_dir} with {method} at {parsed}"
         + (f" on {data} ({len(calibration_windows)} windows of {windows['seq_len']} tokens)"
            if dataset is not None else ""))
-    out = _write_pruned(lm, model_dir, out, overwrite, lambda done: prune_sweep(
-        lm, calibration_windows, pruner, parsed, device=device, batch_size=batch_size,
-        offload_activations=offload_activations, on_block_done=done), provenance, state)
+
+    def sweep(done, hessian_target):
+        method_now = pruner if hessian_target is None else make_method(
+            "copal", history=history, grad_norms=None, options=options,
+            hessians=hessian_state(options, None, hessian_target, 1))
+        prune_sweep(lm, calibration_windows, method_now, parsed, device=device,
+                    batch_size=batch_size, offload_activations=offload_activations,
+                    on_block_done=done)
+
+    out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance, state)
     if state_path is not None:
         log(f"COPAL state {state_path}")
     log(f"pruned checkpoint {out}")
@@ -257,7 +284,11 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     lm.check_pattern(pattern)
     lm.check_seq_len(meta["seq_len"])
-    _check_history_fits(history, lm, state)
+    previous_hessians = hessian_dir(state) if options.obs else None
+    if options.obs:
+        check_hessian_dir(previous_hessians, lm.num_blocks, len(meta["datasets"]))
+    else:
+        _check_history_fits(history, lm, state)
     fingerprint = lm.fingerprint()
     if fingerprint != meta["model_fingerprint"]:
         raise ValueError(f"{model_dir} is not the dense model the state {state} was made from "
@@ -265,9 +296,10 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                          "pass --model with that model")
     windows = {key: meta[key] for key in ("num_calibration", "seq_len", "seed")}
     dataset = make_dataset(data, _tokenizer(model_dir), num_test=0, **windows)
-    pruner = copal_method(lm, history, dataset.calibration, options, device=device,
-                          batch_size=batch_size)
-    log(f"COPAL step {len(meta['datasets']) + 1} on {data} after {', '.join(meta['datasets'])}")
+    step = len(meta["datasets"]) + 1
+    pruner = None if options.obs else copal_method(lm, history, dataset.calibration, options,
+                                                   device=device, batch_size=batch_size)
+    log(f"COPAL step {step} on {data} after {', '.join(meta['datasets'])}")
     meta = dict(meta, datasets=meta["datasets"] + [source_name(data)],
                 model=str(Path(model_dir).resolve()), batch_size=batch_size)
     provenance = dict(verb="continue", method="copal", pattern=pattern.exact,
@@ -275,10 +307,17 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                       dtype=meta["dtype"], batch_size=batch_size, device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       state=str(Path(state).resolve()), environment=environment())
-    out = _write_pruned(lm, model_dir, out, overwrite, lambda done: prune_sweep(
-        lm, dataset.calibration, pruner, pattern, device=device, batch_size=batch_size,
-        offload_activations=offload_activations, on_block_done=done), provenance,
-        (state_path, history, meta))
+
+    def sweep(done, hessian_target):
+        method_now = pruner if hessian_target is None else make_method(
+            "copal", history=history, grad_norms=None, options=options,
+            hessians=hessian_state(options, previous_hessians, hessian_target, step))
+        prune_sweep(lm, dataset.calibration, method_now, pattern, device=device,
+                    batch_size=batch_size, offload_activations=offload_activations,
+                    on_block_done=done)
+
+    out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance,
+                        (state_path, history, meta, options.obs))
     log(f"COPAL state {state_path}\npruned checkpoint {out}")
     return out
 
@@ -346,6 +385,10 @@ class ContinualPruner:
         self.dense = None if protocol == "cascade" else DenseWeights.snapshot(self.lm)
         self.model_fingerprint = self.lm.fingerprint() if method == "copal" else None
         self.history: Dict[str, LayerHistory] = {}
+        # the OBS update's second-order state, one folder per step, in a temporary folder
+        self._hessian_root = None
+        if self.spec.options is not None and self.spec.options.obs:
+            self._hessian_root = tempfile.TemporaryDirectory(prefix="copal-hessian-")
         self.joint_windows: List[torch.Tensor] = []  # joint only: every step's windows
         self.steps = 0
         self.window_shape = None
@@ -369,12 +412,19 @@ class ContinualPruner:
         previous = [{k: v.clone() for k, v in self.lm.block_state(i).items()}
                     for i in range(self.lm.num_blocks)]
         lengths = {key: len(layer.acts) for key, layer in self.history.items()}
+        hessians = None
+        if self._hessian_root is not None:
+            hessians = hessian_state(self.spec.options, self._hessian_dir(self.steps) if self.steps
+                                     else None, self._hessian_dir(self.steps + 1), self.steps + 1)
         try:
             calibration = torch.cat(self.joint_windows + [windows]) \
                 if self.spec.protocol == "joint" else windows
             prune_step(self.lm, self.dense, self.history, calibration, self.pattern, self.spec,
-                       desc=desc or f"{self.spec.label} step {self.steps + 1}", **self.options)
+                       desc=desc or f"{self.spec.label} step {self.steps + 1}",
+                       hessians=hessians, **self.options)
         except BaseException:
+            if hessians is not None:
+                shutil.rmtree(hessians.target, ignore_errors=True)
             for key in list(self.history):
                 layer = self.history[key]
                 if key not in lengths:
@@ -386,19 +436,30 @@ class ContinualPruner:
             raise
         if self.spec.protocol == "joint":
             self.joint_windows.append(windows)
+        if hessians is not None and self.steps:
+            shutil.rmtree(self._hessian_dir(self.steps))
         self.steps += 1
         self.window_shape = tuple(windows.shape)
+
+    def _hessian_dir(self, step: int) -> Path:
+        return Path(self._hessian_root.name) / f"hessian-{step:04d}"
 
     def save_state(self, path, *, datasets: List[str], seed: Optional[int] = None,
                    overwrite: bool = False) -> Path:
         """COPAL's state after the steps so far (``datasets``: their names, in order), written
         atomically; an existing file is replaced only with ``overwrite`` and if it is a state."""
-        if self.spec.method != "copal" or not self.history:
+        if self.spec.method != "copal" or not self.steps:
             raise ValueError("only a COPAL pruner with at least one step has a state")
         if len(datasets) != self.steps:
             raise ValueError(f"datasets names {len(datasets)} dataset(s) for {self.steps} step(s)")
         target = check_output_file(path, overwrite=overwrite, what="state file",
                                    is_ours=is_state_file)
+        if self._hessian_root is not None:  # the second-order blocks first, then the file
+            pending = hessian_dir(_pending(target))
+            shutil.copytree(self._hessian_dir(self.steps), pending)
+            if hessian_dir(target).is_dir():
+                shutil.rmtree(hessian_dir(target))
+            os.replace(pending, hessian_dir(target))
         return save_state(target, self.history, state_metadata(
             getattr(self.lm.model.config, "_name_or_path", ""), self.model_fingerprint, datasets,
             self.spec.options, self.pattern, num_calibration=self.window_shape[0],

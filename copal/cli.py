@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from copal_kernels import AGGREGATIONS
@@ -22,11 +23,13 @@ from copal_kernels import AGGREGATIONS
 from .checkpoint import CheckpointError
 from .data import DataError
 from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, GRADIENTS,
-                      GROUPS, METHODS, NORMALISATIONS, CopalOptions)
+                      GROUPS, METHODS, NORMALISATIONS, STEP_WEIGHTINGS, WEIGHT_UPDATES,
+                      CopalOptions)
 from .model import UnsupportedModelError
 from .outputs import OutputError
 
-COPAL_FLAGS = ("gradient", "aggregation", "normalisation", "group")
+COPAL_FLAGS = ("gradient", "aggregation", "normalisation", "group", "weight_update",
+               "step_weighting", "dampening", "block_size")
 # what an interrupted verb leaves
 INTERRUPTED = {
     "prune": "nothing was written",
@@ -115,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--group", choices=GROUPS,
                        help="COPAL, unstructured only: per-row (default) or per-layer comparison "
                             "groups")
+    prune.add_argument("--weight-update", choices=WEIGHT_UPDATES,
+                       help="COPAL only: none (deploy W0 * M, default) or obs (SparseGPT's OBS "
+                            "update of W0 on the Hessian accumulated over every step; "
+                            "docs/reconstruction.md)")
+    prune.add_argument("--step-weighting", choices=STEP_WEIGHTINGS,
+                       help="COPAL obs only: weigh past steps' Hessians by their tokens "
+                            "(default) or each dataset alike")
+    prune.add_argument("--dampening", type=float,
+                       help="COPAL obs only: fraction of the mean Hessian diagonal added to it "
+                            "(default 0.01, SparseGPT's)")
+    prune.add_argument("--obs-block-size", type=int, dest="block_size",
+                       help="COPAL obs only: columns per OBS block (default 128, SparseGPT's)")
     prune.add_argument("--out", required=True)
     prune.add_argument("--state-out", help="COPAL only: the state file (default "
                                            "OUT/copal-state.safetensors)")
@@ -155,7 +170,7 @@ def _prune(args):
 
     flags = {key: getattr(args, key) for key in COPAL_FLAGS if getattr(args, key) is not None}
     if flags and args.method != "copal":
-        raise ValueError(f"{', '.join('--' + key for key in flags)}: COPAL option(s), which "
+        raise ValueError(f"{', '.join(_flag(key) for key in flags)}: COPAL option(s), which "
                          f"--method {args.method} does not take")
     prune_checkpoint(args.model, args.data, args.out, method=args.method, pattern=args.pattern,
                      options=CopalOptions(**flags) if args.method == "copal" else None,
@@ -163,6 +178,10 @@ def _prune(args):
                      device=args.device, batch_size=args.batch_size, dtype=args.dtype,
                      offload_activations=args.offload_activations, state_out=args.state_out,
                      overwrite=args.overwrite)
+
+
+def _flag(key: str) -> str:
+    return "--obs-block-size" if key == "block_size" else "--" + key.replace("_", "-")
 
 
 def _experiment(args):
@@ -237,7 +256,12 @@ def _terminate(signum, frame):
     raise Terminated(signal.Signals(signum).name)
 
 
+def _warning_line(message, category, filename, lineno, line=None):
+    return f"copal: warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _warning_line
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # blamed on the verb they were given to, not on `copal`

@@ -9,6 +9,7 @@ state, no past data).
 import json
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .atomic import write_atomically
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
+from .hessian import HessianState
 from .methods import METHODS, CopalOptions, LayerHistory, Pattern, make_method
 from .model import LayeredModel
 from .outputs import WorkDir
@@ -203,7 +205,7 @@ class RunStore:
 
     def _remove_other_steps(self, keep: int) -> None:
         for path in self.directory.iterdir():
-            match = re.fullmatch(r"(history|blocks)-(\d{4})(\.safetensors)?", path.name)
+            match = re.fullmatch(r"(history|blocks|hessian)-(\d{4})(\.safetensors)?", path.name)
             if match and int(match.group(2)) != keep:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -214,6 +216,10 @@ class RunStore:
 
     def blocks(self, step: int) -> ScratchBlocks:
         return ScratchBlocks(self.directory / f"blocks-{step:04d}")
+
+    def hessian_dir(self, step: int) -> Path:
+        """COPAL's second-order state after ``step`` (copal.hessian)."""
+        return self.directory / f"hessian-{step:04d}"
 
     def commit(self, record: dict, history: Dict[str, LayerHistory]) -> None:
         """Step ``len(steps) + 1`` is finished: its blocks are saved already; save its history,
@@ -237,27 +243,39 @@ class RunStore:
 
 
 def copal_method(lm, history, windows, options: CopalOptions, *, device="cpu", batch_size="auto",
-                 block_states=None, desc="gradients"):
+                 block_states=None, hessians: Optional[HessianState] = None, desc="gradients"):
     """COPAL for one step: this step's gradient pass over the dense model (unless
-    ``options.gradient == "none"``), and the method that appends to ``history`` and prunes."""
+    ``options.gradient == "none"``), and the method that appends to ``history`` (or, for the
+    OBS update, to the second-order state ``hessians``) and prunes."""
     grads = None
     if options.gradient == "lm":
         grads = gradient_norms(lm, windows, device=device, batch_size=batch_size,
                                block_states=block_states, desc=desc)
-    return make_method("copal", history=history, grad_norms=grads, options=options)
+    return make_method("copal", history=history, grad_norms=grads, options=options,
+                       hessians=hessians)
+
+
+def hessian_state(options: CopalOptions, previous: Optional[Path], target: Path,
+                  step: int) -> Optional[HessianState]:
+    """The second-order state of step ``step`` for COPAL's OBS update (None for mask-only)."""
+    if not options.obs:
+        return None
+    return HessianState(previous, target, step, options.step_weighting, options.step_weights)
 
 
 def prune_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc,
-               start_from=None, on_block_done=None):
+               start_from=None, on_block_done=None, hessians: Optional[HessianState] = None):
     """One step of ``spec``'s protocol with ``windows`` (for joint: every dataset's so far).
     COPAL: gradient pass on W0 (unless gradient='none'), then the sweep from W0 with the
-    importance of every step (``history`` grows by one); restart and joint sweep from W0;
-    cascade from ``start_from`` (the current weights: None for those ``lm`` holds, or a lazy
-    model's last pruned blocks). W0 is ``dense`` (None: a lazy model's checkpoint).
-    ``on_block_done`` receives the pruned blocks (a lazy model's :meth:`ScratchBlocks.save`)."""
+    importance of every step (``history`` grows by one; the OBS update adds the step to
+    ``hessians``); restart and joint sweep from W0; cascade from ``start_from`` (the current
+    weights: None for those ``lm`` holds, or a lazy model's last pruned blocks). W0 is
+    ``dense`` (None: a lazy model's checkpoint). ``on_block_done`` receives the pruned blocks
+    (a lazy model's :meth:`ScratchBlocks.save`)."""
     if spec.method == "copal":
         method = copal_method(lm, history, windows, spec.options, device=device,
-                              batch_size=batch_size, block_states=dense, desc=f"{desc} gradients")
+                              batch_size=batch_size, block_states=dense, hessians=hessians,
+                              desc=f"{desc} gradients")
     else:
         method = make_method(spec.method)
     prune_sweep(lm, windows, method, pattern, device=device, batch_size=batch_size,
@@ -289,15 +307,21 @@ def run_continual(lm: LayeredModel, dense: Optional[DenseWeights], datasets: Lis
     owned = store is None and lm.lazy
     if owned:
         store = RunStore.temporary(scratch_dir)
+    hessian_root = None  # a model in memory keeps its second-order state in a temporary folder
+    if store is None and spec.options is not None and spec.options.obs:
+        hessian_root = tempfile.TemporaryDirectory(prefix="copal-hessian-")
     try:
-        return _run_steps(lm, dense, datasets, spec, heldout, store, device=device,
-                          batch_size=batch_size, offload_activations=offload_activations, log=log)
+        return _run_steps(lm, dense, datasets, spec, heldout, store, hessian_root,
+                          device=device, batch_size=batch_size,
+                          offload_activations=offload_activations, log=log)
     finally:
         if owned:
             store.close()
+        if hessian_root is not None:
+            hessian_root.cleanup()
 
 
-def _run_steps(lm, dense, datasets, spec, heldout, store, *, device, batch_size,
+def _run_steps(lm, dense, datasets, spec, heldout, store, hessian_root, *, device, batch_size,
                offload_activations, log) -> dict:
     pattern = Pattern.parse(spec.pattern)
     test_sets = {d.name: d.test for d in datasets}
@@ -321,9 +345,18 @@ def _run_steps(lm, dense, datasets, spec, heldout, store, *, device, batch_size,
             windows = torch.cat([d.calibration[: spec.num_calibration] if spec.num_calibration
                                  else d.calibration for d in datasets[: step + 1]])
         written = store.blocks(step + 1) if store is not None else None
+        hessians = None
+        if spec.options is not None and spec.options.obs:
+            where = store.hessian_dir if store is not None else (
+                lambda t: Path(hessian_root.name) / f"hessian-{t:04d}")
+            hessians = hessian_state(spec.options, where(step) if step else None,
+                                     where(step + 1), step + 1)
         prune_step(lm, dense, history, windows, pattern, spec, device=device,
                    batch_size=batch_size, offload=offload_activations, desc=desc,
-                   start_from=current, on_block_done=written.save if written else None)
+                   start_from=current, on_block_done=written.save if written else None,
+                   hessians=hessians)
+        if hessian_root is not None and step:
+            shutil.rmtree(Path(hessian_root.name) / f"hessian-{step:04d}")
         ppl = perplexities(lm, test_sets, device=device, batch_size=batch_size,
                            block_states=written, offload_activations=offload_activations,
                            desc=f"{desc} evaluate")
@@ -351,4 +384,7 @@ def _run_steps(lm, dense, datasets, spec, heldout, store, *, device, batch_size,
         "step_seconds": [record["seconds"] for record in done],
         "seconds": sum(record["seconds"] for record in done),
         "history": history,
+        # COPAL's second-order state after the last step, in the store (a lazy model's run)
+        "hessian_dir": (store.hessian_dir(len(done)) if store is not None and spec.options
+                        is not None and spec.options.obs else None),
     }

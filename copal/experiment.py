@@ -21,6 +21,7 @@ holds it whole.
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from .checkpoint import CheckpointError
 from .continual import RunSpec, RunStore, run_continual, state_metadata
 from .data import SOURCES, check_window_counts, make_dataset, source_name, windows_digest
 from .evaluate import perplexities
+from .hessian import hessian_dir
 from .methods import Pattern
 from .model import LayeredModel, check_execution, resolve_dtype
 from .outputs import OutputError, probe_writable, refuse_dangerous
@@ -257,8 +259,9 @@ def _is_ours(out: Path) -> bool:
 # what `copal experiment` writes into its output directory: all that --overwrite removes
 def _own_files(out: Path) -> List[Path]:
     names = ["results.json", "report.md", PROGRESS_DIR, *plot_files()]
-    return [out / n for n in names if (out / n).exists()] + [
-        p for p in sorted(out.glob("state-*.safetensors")) if is_state_file(p)]
+    states = [p for p in sorted(out.glob("state-*.safetensors")) if is_state_file(p)]
+    return [out / n for n in names if (out / n).exists()] + states + [
+        hessian_dir(p) for p in states if hessian_dir(p).is_dir()]
 
 
 class _ExperimentLock:
@@ -474,9 +477,14 @@ def _run_one(spec, key, lm, model_dir, identity, datasets, heldout, config, out,
     if on_gpu:
         run["peak_device_mb"] = torch.cuda.max_memory_allocated(config.device) / 2**20
     run["key"] = key
-    history = run.pop("history")
-    if history:
+    history, hessians = run.pop("history"), run.pop("hessian_dir")
+    if spec.method == "copal":
         state_name = f"state-{_slug(spec.label)}.safetensors"
+        if hessians is not None and hessians.exists():  # the OBS variant's blocks: beside it
+            target = hessian_dir(out / state_name)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(hessians, target)
         save_state(out / state_name, history, state_metadata(
             Path(model_dir).resolve(), identity["model_fingerprint"], run["datasets"],
             spec.options, Pattern.parse(spec.pattern),

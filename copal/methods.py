@@ -8,6 +8,7 @@ and ``prune_block`` (turn the statistics into masks through copal_kernels and ap
 import contextlib
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -62,12 +63,17 @@ class Pattern:
 
 class LayerStats:
     """What a calibration forward leaves per Linear: input sum of squares, token and sample
-    counts, and (if asked) the Gram matrix ``sum x x^T`` for SparseGPT."""
+    counts, and (if asked) the Gram matrix ``sum x x^T`` for SparseGPT and COPAL's OBS update.
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one Gram matrix: the first
+    of them (``gram_owner`` None) accumulates it, the others hold the same tensor
+    (``gram_owner``: the first one's name)."""
 
     def __init__(self, linear: nn.Linear, gram: bool):
         device = linear.weight.device
         self.act_sumsq = torch.zeros(linear.in_features, device=device)
         self.gram = torch.zeros(linear.in_features, linear.in_features, device=device) if gram else None
+        self.gram_owner: Optional[str] = None
         self.tokens = 0
         self.samples = 0
 
@@ -78,7 +84,7 @@ class LayerStats:
             ck.channel_sumsq_(self.act_sumsq, window)
         self.tokens += x.numel() // x.shape[-1]
         self.samples += x.shape[0] if x.dim() == 3 else 1
-        if self.gram is not None:
+        if self.gram is not None and self.gram_owner is None:
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
             self.gram.addmm_(flat.t(), flat)
 
@@ -90,16 +96,32 @@ class Method:
 
     @contextlib.contextmanager
     def observe(self, linears: Dict[str, nn.Linear]):
-        """Hook ``linears``; yields {name: LayerStats} filled by every forward inside."""
+        """Hook ``linears``; yields {name: LayerStats} filled by every forward inside. Which
+        Linears share an input is seen on the first forward: a Linear whose input is the very
+        tensor the previous hooked Linear read shares that one's Gram matrix."""
         stats = {name: LayerStats(linear, self.needs_gram) for name, linear in linears.items()}
         handles = []
+        previous = {"input": None, "name": None}
+        seen = set()
+
+        def hook(module, args, name):
+            x, entry = args[0], stats[name]
+            if entry.gram is not None and name not in seen:
+                seen.add(name)
+                if x is previous["input"]:
+                    owner = stats[previous["name"]].gram_owner or previous["name"]
+                    entry.gram, entry.gram_owner = stats[owner].gram, owner
+            previous.update(input=x, name=name)
+            entry.add(x.detach())
+
         if self.needs_acts or self.needs_gram:
             for name, linear in linears.items():
                 handles.append(linear.register_forward_pre_hook(
-                    lambda module, args, s=stats[name]: s.add(args[0].detach())))
+                    lambda module, args, name=name: hook(module, args, name)))
         try:
             yield stats
         finally:
+            previous.clear()
             for handle in handles:
                 handle.remove()
 
@@ -152,6 +174,76 @@ class Wanda(Method):
                 _prune(linear.weight.data, pattern, None, torch.sqrt(scaler_row))
 
 
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, block_size: int,
+              dampening: float, layer: str = "") -> torch.Tensor:
+    """SparseGPT's OBS pruning of one layer (Frantar & Alistarh 2023, Algorithm 1): the mask
+    chosen per block of ``block_size`` columns (unstructured: the exact count of the lowest
+    ``w^2 / [H^-1]_jj^2`` in the block) or per N:M group, each pruned weight's error spread over
+    the columns not yet visited through the Cholesky factor of ``H^-1``.
+
+    weight: [out, in] (any float dtype; computed in fp32, returned in the weight's dtype).
+    hessian: fp32 [in, in], ``2 X X^T / n`` (not modified). Dampening adds ``dampening x
+    mean(diag H)`` to the diagonal; a Cholesky failure retries with ten times more, up to
+    three times, and says so (a warning naming ``layer``); then raises LinAlgError."""
+    W = weight.to(torch.float32).clone()
+    H = hessian.clone()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    mean_diagonal = torch.mean(torch.diag(H))
+    for attempt in range(4):
+        damped = H + dampening * mean_diagonal * torch.eye(columns, device=H.device)
+        try:
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)),
+                                         upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            if attempt == 3:
+                raise
+            warnings.warn(f"{layer}: the Cholesky factorisation failed with dampening "
+                          f"{dampening:g}; retrying with {dampening * 10:g}")
+            dampening *= 10
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        W1 = W[:, start:end].clone()
+        Hinv1 = Hinv[start:end, start:end]
+        diag = torch.diag(Hinv1)
+        errors = torch.zeros_like(W1)
+        if pattern.kind == "unstructured":
+            score = W1 ** 2 / diag[None, :] ** 2
+            pruned = ~ck.unstructured_mask(score, sparsity=pattern.sparsity, group="layer")
+        else:
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(end - start):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                score = W1[:, group] ** 2 / diag[None, group] ** 2
+                pruned[:, group] = ~ck.nm_mask(score, n=pattern.n, m=pattern.m)
+            w = W1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros_like(w), w)
+            error = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= error[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i] = q
+            errors[:, i] = error
+        W[:, start:end] = W1
+        W[:, end:] -= errors @ Hinv[start:end, end:]
+    return W.to(weight.dtype)
+
+
+def _obs_prune_layer(block_index: int, name: str, linear: nn.Linear, hessian: torch.Tensor,
+                     pattern: Pattern, block_size: int, dampening: float) -> None:
+    """Checks, then :func:`obs_prune` of ``linear`` in place; errors name the layer."""
+    with naming_layer(block_index, name):
+        if not bool(torch.isfinite(linear.weight.data).all()):
+            raise ValueError("weight contains NaN or Inf")
+        if not bool(torch.isfinite(hessian).all()):
+            raise ValueError("the Hessian contains NaN or Inf (from the calibration inputs)")
+        linear.weight.data.copy_(obs_prune(linear.weight.data, hessian, pattern,
+                                           block_size=block_size, dampening=dampening,
+                                           layer=f"block {block_index} {name}"))
+
+
 class SparseGPT(Method):
     """OBS pruning with weight updates: H = 2 X X^T / n, 1% dampening, blocks of 128 columns,
     the mask chosen per block (unstructured, exact count) or per N:M group."""
@@ -165,48 +257,8 @@ class SparseGPT(Method):
     def prune_block(self, block_index, linears, stats, pattern):
         for name, linear in linears.items():
             hessian = stats[name].gram * (2.0 / max(stats[name].tokens, 1))
-            with naming_layer(block_index, name):
-                if not bool(torch.isfinite(linear.weight.data).all()):
-                    raise ValueError("weight contains NaN or Inf")
-                if not bool(torch.isfinite(hessian).all()):
-                    raise ValueError("the Hessian contains NaN or Inf (from the calibration inputs)")
-                linear.weight.data.copy_(self.prune_layer(linear.weight.data, hessian, pattern))
-
-    def prune_layer(self, weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern):
-        W = weight.to(torch.float32).clone()
-        H = hessian.clone()
-        columns = W.shape[1]
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        H += self.dampening * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        for start in range(0, columns, self.block_size):
-            end = min(start + self.block_size, columns)
-            W1 = W[:, start:end].clone()
-            Hinv1 = Hinv[start:end, start:end]
-            diag = torch.diag(Hinv1)
-            errors = torch.zeros_like(W1)
-            pruned = None
-            if pattern.kind == "unstructured":
-                score = W1 ** 2 / diag[None, :] ** 2
-                pruned = ~ck.unstructured_mask(score, sparsity=pattern.sparsity, group="layer")
-            else:
-                pruned = torch.zeros_like(W1, dtype=torch.bool)
-            for i in range(end - start):
-                if pattern.kind == "nm" and i % pattern.m == 0:
-                    group = slice(i, i + pattern.m)
-                    score = W1[:, group] ** 2 / diag[None, group] ** 2
-                    pruned[:, group] = ~ck.nm_mask(score, n=pattern.n, m=pattern.m)
-                w = W1[:, i]
-                q = torch.where(pruned[:, i], torch.zeros_like(w), w)
-                error = (w - q) / Hinv1[i, i]
-                W1[:, i:] -= error[:, None] * Hinv1[i, i:][None, :]
-                W1[:, i] = q
-                errors[:, i] = error
-            W[:, start:end] = W1
-            W[:, end:] -= errors @ Hinv[start:end, end:]
-        return W.to(weight.dtype)
+            _obs_prune_layer(block_index, name, linear, hessian, pattern, self.block_size,
+                             self.dampening)
 
 
 @dataclass
@@ -240,17 +292,36 @@ DEFAULT_NORMALISATION = "none"
 GROUPS = ("row", "layer")
 
 
+WEIGHT_UPDATES = ("none", "obs")  # deploy W0 * M_t, or SparseGPT's OBS update of W0
+STEP_WEIGHTINGS = ("tokens", "datasets")  # how the OBS update weighs past steps' Hessians
+OBS_DEFAULTS = dict(step_weighting="tokens", dampening=0.01, block_size=128)  # SparseGPT's
+MASK_DEFAULTS = dict(aggregation=DEFAULT_AGGREGATION, gradient=DEFAULT_GRADIENT,
+                     normalisation=DEFAULT_NORMALISATION, group="row")
+
+
 @dataclass(frozen=True)
 class CopalOptions:
     """COPAL's options, one object from the CLI, the config and the API to the method, the state's
-    metadata and the report (METHOD.md, "Importance update"; defaults: see DEFAULT_*).
+    metadata and the report (METHOD.md, "Importance update"; docs/reconstruction.md).
 
-    aggregation: how the steps combine (``sum``: METHOD.md; ``max``; ``sumsq``: the sum of the
-    squared terms). gradient: ``lm`` (METHOD.md's gradient pass over the dense model) or
-    ``none`` (g = 1). normalisation: ``mean`` (each step's norms divided by their mean,
-    METHOD.md) or ``none`` (raw). group: ``row`` or ``layer`` comparison groups (unstructured
-    patterns only). step_weights: lambda_s per step, one per dataset of the run, or None (all 1).
-    Every value is checked here; :meth:`check_pattern` refuses what a pattern cannot honour.
+    weight_update: ``none`` deploys ``W0 * M_t`` with the mask from the importance below;
+    ``obs`` prunes W0 with SparseGPT's OBS procedure on the Hessian accumulated over every step
+    (copal.hessian), updating the kept weights. step_weights: lambda_s per step, one per dataset
+    of the run, or None (all 1); both variants honour it.
+
+    Mask-only (``none``) options: aggregation, how the steps combine (``sum``: METHOD.md; ``max``;
+    ``sumsq``: the sum of the squared terms); gradient, ``lm`` (METHOD.md's gradient pass over the
+    dense model) or ``none`` (g = 1); normalisation, ``mean`` (each step's norms divided by their
+    mean, METHOD.md) or ``none`` (raw); group, ``row`` or ``layer`` comparison groups
+    (unstructured patterns only).
+
+    OBS (``obs``) options: step_weighting, ``tokens`` (every calibration token alike: the
+    Hessian of the union of the steps' data) or ``datasets`` (every step alike); dampening (a
+    fraction of the mean diagonal, SparseGPT's 0.01) and block_size (columns per OBS block,
+    SparseGPT's 128).
+
+    Every value is checked here, and an option of one variant set away from its default on the
+    other is refused; :meth:`check_pattern` refuses what a pattern cannot honour.
     """
 
     aggregation: str = DEFAULT_AGGREGATION
@@ -258,10 +329,15 @@ class CopalOptions:
     normalisation: str = DEFAULT_NORMALISATION
     group: str = "row"
     step_weights: Optional[Tuple[float, ...]] = None
+    weight_update: str = "none"
+    step_weighting: str = "tokens"
+    dampening: float = 0.01
+    block_size: int = 128
 
     def __post_init__(self):
         for key, allowed in (("aggregation", ck.AGGREGATIONS), ("gradient", GRADIENTS),
-                             ("normalisation", NORMALISATIONS), ("group", GROUPS)):
+                             ("normalisation", NORMALISATIONS), ("group", GROUPS),
+                             ("weight_update", WEIGHT_UPDATES), ("step_weighting", STEP_WEIGHTINGS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"COPAL {key} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, key)!r}")
@@ -275,8 +351,24 @@ class CopalOptions:
                 raise ValueError(f"COPAL step_weights must be positive finite numbers, one per "
                                  f"step, got {list(self.step_weights)}")
             object.__setattr__(self, "step_weights", weights)
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \
+                or not 0 < self.dampening < 1e3:
+            raise ValueError(f"COPAL dampening must be a positive number, got {self.dampening!r}")
+        object.__setattr__(self, "dampening", float(self.dampening))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
+                or self.block_size < 1:
+            raise ValueError(f"COPAL block_size must be a positive integer, got {self.block_size!r}")
+        unused = OBS_DEFAULTS if self.weight_update == "none" else MASK_DEFAULTS
+        changed = [key for key, default in unused.items() if getattr(self, key) != default]
+        if changed:
+            raise ValueError(
+                f"COPAL {', '.join(changed)} do(es) not apply with weight_update "
+                f"{self.weight_update!r}: " + ("the OBS update takes its mask from the OBS "
+                                               "saliency" if self.weight_update == "obs" else
+                                               "they are options of the OBS update"))
 
-    FIELDS = ("aggregation", "gradient", "normalisation", "group", "step_weights")
+    FIELDS = ("aggregation", "gradient", "normalisation", "group", "step_weights",
+              "weight_update", "step_weighting", "dampening", "block_size")
 
     @classmethod
     def from_dict(cls, data: dict) -> "CopalOptions":
@@ -289,6 +381,10 @@ class CopalOptions:
         data = {key: getattr(self, key) for key in self.FIELDS}
         data["step_weights"] = list(self.step_weights) if self.step_weights else None
         return data
+
+    @property
+    def obs(self) -> bool:
+        return self.weight_update == "obs"
 
     def check_pattern(self, pattern: Pattern) -> None:
         if self.group == "layer" and pattern.kind == "nm":
@@ -303,17 +399,24 @@ class CopalOptions:
 
     @property
     def label(self) -> str:
-        text = f"[{self.aggregation},{'grad' if self.gradient == 'lm' else 'nograd'}"
-        text += f",lambda={list(self.step_weights)}" if self.step_weights else ""
+        lambdas = f",lambda={list(self.step_weights)}" if self.step_weights else ""
+        if self.obs:
+            text = f"[obs,{self.step_weighting}{lambdas}"
+            text += f",damp={self.dampening:g}" if self.dampening != OBS_DEFAULTS["dampening"] else ""
+            text += f",block={self.block_size}" if self.block_size != OBS_DEFAULTS["block_size"] else ""
+            return text + "]"
+        text = f"[{self.aggregation},{'grad' if self.gradient == 'lm' else 'nograd'}{lambdas}"
         text += ",raw" if self.normalisation == "none" else ""
         return text + (",layer-group]" if self.group == "layer" else "]")
 
 
 class Copal(Method):
     """COPAL (METHOD.md): I_t = agg_s lambda_s |W0| ga_s[i] aa_s[j] (agg: METHOD.md's ``sum``,
-    ``max``, or ``sumsq``, the sum of the squared terms); masks from W0 each step.
+    ``max``, or ``sumsq``, the sum of the squared terms); masks from W0 each step. With
+    ``options.weight_update == "obs"``: SparseGPT's OBS pruning of W0 on the Hessian of every
+    step so far, from ``hessians`` (:class:`copal.hessian.HessianState`, docs/reconstruction.md).
 
-    ``history`` is the continual state ({block.layer: LayerHistory}); the sweep's step appends
+    ``history`` is the mask-only state ({block.layer: LayerHistory}); the sweep's step appends
     this step's vectors and prunes the dense weights with all steps so far. ``grad_norms``
     holds this step's g_t per layer (from the gradient pass) or is None (``gradient="none"``).
     """
@@ -322,12 +425,19 @@ class Copal(Method):
 
     def __init__(self, history: Dict[str, LayerHistory],
                  grad_norms: Optional[Dict[str, torch.Tensor]],
-                 options: CopalOptions = CopalOptions()):
+                 options: CopalOptions = CopalOptions(), hessians=None):
+        if options.obs and hessians is None:
+            raise ValueError("COPAL's OBS update needs its second-order state (hessians)")
         self.history = history
         self.grad_norms = grad_norms
         self.options = options
+        self.hessians = hessians
+        self.needs_gram = options.obs
+        self.needs_acts = not options.obs
 
     def prune_block(self, block_index, linears, stats, pattern):
+        if self.options.obs:
+            return self._prune_obs(block_index, linears, stats, pattern)
         options = self.options
         for name, linear in linears.items():
             key = f"{block_index}.{name}"
@@ -350,6 +460,17 @@ class Copal(Method):
             with naming_layer(block_index, name):
                 _prune(linear.weight.data, pattern, grads, acts, group=options.group,
                        aggregation=options.aggregation, step_weights=weights)
+
+    def _prune_obs(self, block_index, linears, stats, pattern):
+        groups: Dict[str, List[str]] = {}
+        for name in linears:
+            groups.setdefault(stats[name].gram_owner or name, []).append(name)
+        grams = {owner: (stats[owner].gram, stats[owner].tokens) for owner in groups}
+        hessians = self.hessians.update(block_index, grams, groups)
+        for owner, names in groups.items():
+            for name in names:
+                _obs_prune_layer(block_index, name, linears[name], hessians[owner], pattern,
+                                 self.options.block_size, self.options.dampening)
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")

@@ -1,6 +1,7 @@
 """COPAL's continual state: per layer the vectors of every step (t x (in + out) floats, nothing
 weight-sized), saved as safetensors with its metadata, so that a later dataset can be added in
-another process without any past data."""
+another process without any past data. The OBS variant's state is the metadata file alone, with
+its second-order blocks in the folder beside it (copal.hessian)."""
 
 import json
 from pathlib import Path
@@ -18,8 +19,9 @@ FORMAT = "copal-state/1"
 # what identifies it wherever it is now), the datasets so far, the exact pattern, COPAL's options
 # and the calibration windows' definition
 METADATA_KEYS = ("model", "model_fingerprint", "datasets", "pattern", "gradient", "aggregation",
-                 "normalisation", "group", "step_weights", "num_calibration", "seq_len", "seed",
-                 "dtype", "batch_size")
+                 "normalisation", "group", "step_weights", "weight_update", "step_weighting",
+                 "dampening", "block_size", "num_calibration", "seq_len", "seed", "dtype",
+                 "batch_size")
 
 
 def _missing_keys(metadata: dict) -> list:
@@ -104,6 +106,10 @@ def load_state(path) -> Tuple[Dict[str, LayerHistory], dict]:
     if missing:
         raise ValueError(f"{path}: the state's metadata lacks {', '.join(missing)}; it cannot be "
                          "continued (written by an older copal?)")
+    if metadata["weight_update"] == "obs":  # its state is the second-order blocks beside it
+        if history:
+            raise ValueError(f"{path}: an OBS state with importance vectors; it is inconsistent")
+        return history, metadata
     steps = {len(layer.acts) for layer in history.values()} | {
         len(layer.grads) for layer in history.values()}
     if steps != {len(metadata["datasets"])}:

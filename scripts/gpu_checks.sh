@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in one call of the device tool (at most 10 minutes):
-#   bash scripts/gpu_checks.sh [all|driver|sweep|kernels]
+#   bash scripts/gpu_checks.sh [all|driver|sweep|kernels|reconstruction]
 # Runs on the device machine's own image (python3 with torch, triton, transformers preinstalled)
 # from the working tree; writes logs and JSON under $OUT (default benchmarks/results) and prints
 # short tables. Order and time limits (all: about 9.5 minutes at most), most important first:
 #   driver   the driver's CUDA paths against the CPU (tests/driver/test_gpu.py)      1.5 min
-#   sweep    benchmarks.gpu_sweep, the full COPAL step on 7B/65B/70B shapes, device      5 min
+#   sweep    benchmarks.gpu_sweep, the full COPAL step on 7B/65B/70B shapes, device      4 min
 #            memory capped at 40 GB (the 65B target)
 #            (rewrites its JSON after every record, so a cut run keeps what it did)
 #   kernels  benchmarks.gpu_kernels, then the kernel tests compiled for the GPU        3 min
 #            (pytest-xdist, on the image: Triton compiles in 8 processes)
+#   reconstruction  benchmarks.reconstruction_step: a COPAL OBS step against SparseGPT   1 min
+#            on 4 synthetic LLaMA-7B blocks, 128 x 2048 tokens
 # SWEEP_ARGS passes arguments to the sweep benchmark (e.g. "--shape llama-65b --pattern 2:4").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +31,7 @@ if wants driver; then
         2>&1 | clean | tee "$OUT/pytest_driver.txt" | tail -n 30 || status=1
 fi
 if wants sweep; then
-    timeout "${SWEEP_TIMEOUT:-300}" python3 -m benchmarks.gpu_sweep --out "$OUT" ${SWEEP_ARGS:---device-memory-cap-gb 40} \
+    timeout "${SWEEP_TIMEOUT:-240}" python3 -m benchmarks.gpu_sweep --out "$OUT" ${SWEEP_ARGS:---device-memory-cap-gb 40} \
         2>&1 | clean | tee "$OUT/gpu_sweep.txt" || status=1
 fi
 if wants kernels; then
@@ -37,5 +39,10 @@ if wants kernels; then
         2>&1 | clean | tee "$OUT/gpu_kernels.txt" || status=1
     timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -q -x -n 8 tests/test_*.py -p no:cacheprovider \
         2>&1 | clean | tee "$OUT/pytest_kernels.txt" | tail -n 30 || status=1
+fi
+if wants reconstruction; then
+    timeout "${RECONSTRUCTION_TIMEOUT:-60}" python3 -m benchmarks.reconstruction_step --device cuda \
+        --shape llama-7b --blocks 4 --samples 128 --seq 2048 --out "$OUT" \
+        2>&1 | clean | tee "$OUT/reconstruction_step.txt" || status=1
 fi
 exit $status

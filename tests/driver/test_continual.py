@@ -125,8 +125,9 @@ def test_state_round_trip(tmp_path):
     metadata = {"model": "/models/dense", "model_fingerprint": "f" * 32, "datasets": ["a", "b"],
                 "pattern": "2:4",
                 "gradient": "lm", "aggregation": "max", "normalisation": "mean", "group": "row",
-                "step_weights": None, "num_calibration": 32, "seq_len": 512, "seed": 0,
-                "dtype": "float32", "batch_size": "auto"}
+                "step_weights": None, "weight_update": "none", "step_weighting": "tokens",
+                "dampening": 0.01, "block_size": 128, "num_calibration": 32, "seq_len": 512,
+                "seed": 0, "dtype": "float32", "batch_size": "auto"}
     path = save_state(tmp_path / "state.safetensors", history, metadata)
     loaded, meta = load_state(path)
     assert meta == metadata

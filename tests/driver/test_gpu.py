@@ -46,3 +46,25 @@ def test_pinned_activation_offload_changes_nothing_on_cuda():
     grads_offload, masks_offload = _copal_step("cuda", "2:4", offload=True)
     assert all(torch.equal(grads[k], grads_offload[k]) for k in grads)
     assert all(torch.equal(masks[k], masks_offload[k]) for k in masks)
+
+
+def test_copal_obs_step_on_cuda_is_sparsegpt_and_keeps_its_state_on_the_host(tmp_path):
+    """COPAL's OBS update on the GPU: step 1 equals SparseGPT on the GPU bit for bit, and its
+    second-order state is written from the host."""
+    from copal.continual import hessian_state
+    from safetensors.torch import load_file
+
+    options = CopalOptions(weight_update="obs")
+    windows = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(0))
+    weights = []
+    for method in (make_method("sparsegpt"),
+                   make_method("copal", history={}, grad_norms=None, options=options,
+                               hessians=hessian_state(options, None, tmp_path / "h", 1))):
+        lm = synthetic_model("tiny", dtype=torch.float32, num_blocks=2)
+        done = {}
+        prune_sweep(lm, windows, method, Pattern.parse("2:4"), device="cuda", batch_size=2,
+                    on_block_done=lambda i, block: done.update(
+                        {f"{i}.{k}": v.cpu() for k, v in block.state_dict().items()}))
+        weights.append(done)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert load_file(tmp_path / "h" / "block-00000.safetensors")["self_attn.q_proj.gram"].is_cpu

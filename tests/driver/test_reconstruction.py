@@ -1,0 +1,190 @@
+"""COPAL's OBS update from an accumulated second-order state (issue 15): equal to SparseGPT on one
+dataset, to SparseGPT-joint at the layer level on several, continued from its state alone in
+another verb exactly as in one process, and refusing a state it cannot serve."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from copal.api import ContinualPruner, continue_checkpoint, prune_checkpoint
+from copal.cli import main
+from copal.hessian import HessianState, HessianStateError, block_file, hessian_dir
+from copal.methods import CopalOptions, Pattern, make_method, obs_prune
+from copal.model import LayeredModel
+from copal.state import load_state
+from copal.sweep import prune_sweep
+
+from .tiny import tiny_model
+
+OBS = CopalOptions(weight_update="obs")
+WINDOWS = dict(num_calibration=4, seq_len=32)
+
+
+def _windows(seed, count=4, length=24):
+    return torch.randint(0, 96, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.model.layers.state_dict().items()}
+
+
+@pytest.mark.parametrize("pattern", ["50%", "2:4"])
+def test_first_step_is_sparsegpt_bit_for_bit(tmp_path, pattern):
+    windows = _windows(0)
+    results = []
+    for method in (make_method("sparsegpt"),
+                   make_method("copal", history={}, grad_norms=None, options=OBS,
+                               hessians=HessianState(None, tmp_path / "h", 1, "tokens"))):
+        lm = LayeredModel.from_model(tiny_model())
+        prune_sweep(lm, windows, method, Pattern.parse(pattern))
+        results.append(_weights(lm.model))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    saved = load_file(block_file(tmp_path / "h", 0))
+    # q/k/v share one input, gate/up another: four Gram matrices per LLaMA block, not seven
+    assert sorted(k for k in saved if k.endswith(".gram")) == [
+        "mlp.down_proj.gram", "mlp.gate_proj.gram", "self_attn.o_proj.gram",
+        "self_attn.q_proj.gram"]
+
+
+def test_steps_equal_the_joint_hessian_at_the_layer_level(tmp_path):
+    """Two equal-sized datasets: the state's H equals the union's, whichever the weighting, so
+    the OBS update equals SparseGPT-joint on the same layer inputs."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(256, 48), torch.randn(256, 48) * 2 + 0.5]
+    weight = torch.randn(32, 48)
+    groups = {"x": ["x"]}
+    for weighting in ("tokens", "datasets"):
+        previous = None
+        for step, x in enumerate(inputs, start=1):
+            target = tmp_path / f"{weighting}-{step}"
+            state = HessianState(previous, target, step, weighting)
+            hessian = state.update(0, {"x": (x.t() @ x, len(x))}, groups)["x"]
+            previous = target
+        union = torch.cat(inputs)
+        joint = union.t() @ union * (2.0 / len(union))
+        torch.testing.assert_close(hessian, joint, rtol=1e-5, atol=1e-5)
+        ours = obs_prune(weight, hessian, Pattern.parse("2:4"), block_size=16, dampening=0.01)
+        theirs = obs_prune(weight, joint, Pattern.parse("2:4"), block_size=16, dampening=0.01)
+        assert torch.equal(ours == 0, theirs == 0)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_continue_from_the_state_alone_equals_one_process(checkpoint, corpus, corpus_b,
+                                                          tmp_path):
+    first = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "s1", method="copal",
+                             pattern="2:4", options=OBS, log=lambda *_: None, **WINDOWS)
+    state = first / "copal-state.safetensors"
+    history, meta = load_state(state)
+    assert history == {} and meta["weight_update"] == "obs" and meta["step_weighting"] == "tokens"
+    second = continue_checkpoint(str(state), str(corpus_b), tmp_path / "s2", log=lambda *_: None)
+    assert len(list(hessian_dir(second / "copal-state.safetensors").iterdir())) == 2
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from copal.data import make_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    pruner = ContinualPruner(model, method="copal", pattern="2:4", options=OBS)
+    for source in (corpus, corpus_b):
+        pruner.step(make_dataset(str(source), tokenizer, num_test=0, seed=0, **WINDOWS).calibration)
+    pruner.save_state(tmp_path / "in-process.safetensors", datasets=["a", "b"])
+    written = AutoModelForCausalLM.from_pretrained(second, dtype=torch.float32)
+    for (name, got), want in zip(written.model.layers.state_dict().items(),
+                                 model.model.layers.state_dict().values()):
+        assert torch.equal(got, want), name
+    for index in range(2):
+        a = load_file(block_file(hessian_dir(second / "copal-state.safetensors"), index))
+        b = load_file(block_file(hessian_dir(tmp_path / "in-process.safetensors"), index))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_it_cannot_serve_is_refused_naming_the_file(checkpoint, corpus, corpus_b,
+                                                            tmp_path, capsys):
+    first = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "s1", method="copal",
+                             pattern="50%", options=OBS, log=lambda *_: None, **WINDOWS)
+    state = first / "copal-state.safetensors"
+    broken = tmp_path / "broken"
+    shutil.copytree(first, broken)
+    block = block_file(hessian_dir(broken / "copal-state.safetensors"), 1)
+    block.write_bytes(block.read_bytes()[:100])
+    assert main(["continue", "--state", str(broken / "copal-state.safetensors"),
+                 "--data", str(corpus_b), "--out", str(tmp_path / "o1")]) == 2
+    assert str(block) in capsys.readouterr().err
+    block.unlink()
+    assert main(["continue", "--state", str(broken / "copal-state.safetensors"),
+                 "--data", str(corpus_b), "--out", str(tmp_path / "o2")]) == 2
+    assert f"{block}: missing" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # a block of step 1 where step 2's is expected
+    with pytest.raises(HessianStateError, match="holds 1 step"):
+        state_2 = HessianState(hessian_dir(state), tmp_path / "h3", 3, "tokens")
+        state_2.update(0, {"self_attn.q_proj": (torch.eye(32), 4)},
+                       {"self_attn.q_proj": ["self_attn.q_proj"]})
+
+
+def test_cholesky_failure_retries_with_more_dampening_and_says_so():
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = obs_prune(torch.ones(4, 2), indefinite, Pattern.parse("50%"), block_size=2,
+                           dampening=0.01, layer="block 0 x")
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        f"block 0 x: the Cholesky factorisation failed with dampening {d:g}" for d in (0.01, 0.1)]
+    assert int((pruned == 0).sum()) == 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--weight-update", "obs", "--aggregation", "max"], "do(es) not apply with weight_update"),
+    (["--step-weighting", "datasets"], "they are options of the OBS update"),
+    (["--method", "wanda", "--weight-update", "obs"], "--weight-update: COPAL option(s)"),
+    (["--weight-update", "obs", "--dampening", "-1"], "dampening must be a positive number"),
+], ids=["obs-aggregation", "weighting-mask-only", "obs-wanda", "dampening"])
+def test_obs_options_are_honoured_or_refused(checkpoint, corpus, tmp_path, capsys, argv,
+                                             message):
+    method = [] if "--method" in argv else ["--method", "copal"]
+    assert main(["prune", "--model", str(checkpoint), "--data", str(corpus), "--out",
+                 str(tmp_path / "o"), "--num-calibration", "4", "--seq-len", "32",
+                 *method, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_experiment_keeps_the_obs_state_and_it_continues(checkpoint, corpus, corpus_b, tmp_path):
+    config = {"model": str(checkpoint), "sources": [str(corpus), str(corpus_b)],
+              "num_calibration": 4, "num_test": 2, "seq_len": 32,
+              "runs": [{"method": "copal", "protocol": "continual", "pattern": "2:4",
+                        "weight_update": "obs"},
+                       {"method": "sparsegpt", "protocol": "restart", "pattern": "2:4"}]}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "exp"
+    assert main(["experiment", "--config", str(path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    copal, sparsegpt = results["runs"]
+    assert copal["label"] == "copal[obs,tokens]-continual 2:4"
+    assert copal["P"][0] == sparsegpt["P"][0], "step 1 is SparseGPT's"
+    state = out / copal["state_file"]
+    assert len(list(hessian_dir(state).iterdir())) == 2
+    heldout = tmp_path / "third.txt"
+    shutil.copy(corpus, heldout)
+    heldout.write_text(heldout.read_text()[::-1])
+    assert main(["continue", "--state", str(state), "--data", str(heldout),
+                 "--out", str(tmp_path / "step3")]) == 0
+
+
+def test_step_benchmark_smoke_run_on_cpu(tmp_path, monkeypatch):
+    """benchmarks.reconstruction_step on a tiny synthetic shape (its numbers mean nothing)."""
+    import sys
+
+    from benchmarks import reconstruction_step
+
+    monkeypatch.setattr(sys, "argv", ["reconstruction_step", "--shape", "tiny", "--blocks", "2",
+                                      "--samples", "2", "--seq", "16", "--out", str(tmp_path)])
+    reconstruction_step.main()
+    record = json.loads((tmp_path / "reconstruction_step.jsonl").read_text())
+    assert set(record["seconds"]) == {"sparsegpt", "copal_obs_step1", "copal_obs_step2"}
+    assert record["state_bytes_read_and_written_per_step"][0] > 0
