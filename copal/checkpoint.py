@@ -3,7 +3,6 @@ model shard by shard, atomically. The input directory is only ever read."""
 
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import write_atomically
+from .atomic import user_mode, write_atomically
 from .outputs import WorkDir, check_output_dir, replace_directory
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -214,14 +213,17 @@ class ShardWriter:
         self.work = WorkDir(self.directory.parent,
                             self.STAGING_PREFIX.format(name=self.directory.name))
         self.staging = self.work.path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.staging, 0o777 & ~umask)  # a folder of the user's umask, not mkdtemp's 0700
+        user_mode(self.staging, folder=True)
         self.num_shards = num_shards
         self.weight_map: Dict[str, str] = {}
         self.total_size = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         self._pending: Optional[Future] = None
+
+    @staticmethod
+    def _save(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        user_mode(path)
 
     def shard_name(self, index: int) -> str:
         return f"model-{index + 1:05d}-of-{self.num_shards:05d}.safetensors"
@@ -234,8 +236,7 @@ class ShardWriter:
         host = {k: v.detach().to("cpu", copy=v.device.type == "cpu").contiguous()
                 for k, v in tensors.items()}
         self._wait()
-        self._pending = self._writer.submit(
-            save_file, host, str(self.staging / name), metadata={"format": "pt"})
+        self._pending = self._writer.submit(self._save, host, self.staging / name)
         for key, value in host.items():
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()

@@ -439,6 +439,8 @@ def test_output_is_the_input_in_its_own_dtype_with_its_files_and_permissions(tmp
         os.umask(old)
     out = tmp_path / "out"
     assert (out.stat().st_mode & 0o777) == 0o755
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == {
+        path.name: 0o644 for path in out.iterdir()}, "every file of the user's umask"
     for shard in out.glob("model-*.safetensors"):
         assert {t.dtype for t in load_file(shard).values()} == {torch.bfloat16}
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
