@@ -1,13 +1,20 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
-    .venv/bin/python scripts/results_doc.py runs/standard runs/standard-2of4 runs/standard-4of8 \
+    .venv/bin/python scripts/results_doc.py runs/reconstruction-standard \
+        runs/reconstruction-weighting runs/standard runs/standard-2of4 runs/standard-4of8 \
         runs/ablations-standard runs/results-50 runs/results-2of4 runs/results-4of8 runs/ablations \
         runs/sweep-sparsity runs/sweep-samples runs/sweep-samples-128 \
         --merge runs/sweep-samples runs/sweep-samples-128
+
+The sections of the directories given come first, in the order given; the page's other
+sections stay as they were (so the page can be updated from the new runs alone), as do the
+hand-written goal table at the top and analysis at the end. Each given directory's results.json
+is kept as docs/results/<name>.json.
 """
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +26,8 @@ from copal.report import bwt_table, dense_table, make_plots, p_matrix_table
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 INTRO = """# Results
+
+<!-- goal -->
 
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
 (`scripts/run_results.sh` runs them all, each resumable), on the machine and versions given with
@@ -103,10 +112,14 @@ def section(directory: Path) -> str:
              f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"{env['date']}; {config['num_calibration']} x {config['seq_len']} calibration tokens "
              f"per dataset; peak host memory {results.get('peak_rss_mb', 0):.0f} MB.",
+             f"All numbers: [results/{directory.name}.json](results/{directory.name}.json).",
              "Dense model:", dense_table(results), "Continual runs:", bwt_table(results)]
     for run in results["runs"]:
         parts += [f"P[t][i], {run['label']}:", p_matrix_table(run)]
     parts += plot_links(directory, directory.name, PLOTS)
+    archive = DOCS / "results" / f"{directory.name}.json"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(directory / "results.json", archive)
     return "\n\n".join(parts)
 
 
@@ -142,15 +155,37 @@ def merged_section(directories) -> str:
 
 
 ANALYSIS_MARK = "<!-- analysis: written by hand, kept by scripts/results_doc.py -->"
+GOAL_MARKS = ("<!-- goal: written by hand, kept by scripts/results_doc.py -->", "<!-- /goal -->")
+
+
+def split_sections(page: str):
+    """A page this script wrote, cut into (goal block, [(key, section)], analysis): a section
+    starts at a "## " line; its key is the directory name in its header's last parentheses, or
+    the whole header (a merged section)."""
+    analysis = ""
+    if ANALYSIS_MARK in page:
+        page, analysis = page[:page.index(ANALYSIS_MARK)], page[page.index(ANALYSIS_MARK):].rstrip()
+    goal = ""
+    if GOAL_MARKS[0] in page:
+        start, end = page.index(GOAL_MARKS[0]), page.index(GOAL_MARKS[1]) + len(GOAL_MARKS[1])
+        goal, page = page[start:end], page[:start] + page[end:]
+    sections = []
+    for chunk in re.split(r"\n(?=## )", page)[1:]:
+        header = chunk.splitlines()[0]
+        name = re.search(r"\(([^()]+)\)$", header)
+        sections.append((name.group(1) if name else header, chunk.strip()))
+    return goal, sections, analysis
 
 
 def main(directories, merges):
-    body = [INTRO] + [section(directory) for directory in directories]
-    body += [merged_section(group) for group in merges]
     target = DOCS / "results.md"
-    old = target.read_text() if target.is_file() else ""
-    if ANALYSIS_MARK in old:  # the hand-written analysis at the end survives a regeneration
-        body.append(old[old.index(ANALYSIS_MARK):].rstrip())
+    goal, old, analysis = split_sections(target.read_text() if target.is_file() else "")
+    new = [(d.name, section(d)) for d in directories]
+    new += [(text.splitlines()[0], text) for text in map(merged_section, merges)]
+    given = {key for key, _ in new}
+    body = [INTRO.replace("<!-- goal -->", goal or "\n".join(GOAL_MARKS))] + [text for _, text in new]
+    body += [text for key, text in old if key not in given]
+    body += [analysis] if analysis else []
     text = "\n\n".join(body) + "\n"
     write_atomically(target, lambda name: Path(name).write_text(text))
     print(target)

@@ -153,7 +153,8 @@ def test_obs_options_are_honoured_or_refused(checkpoint, corpus, tmp_path, capsy
     assert message in capsys.readouterr().err
 
 
-def test_experiment_keeps_the_obs_state_and_it_continues(checkpoint, corpus, corpus_b, tmp_path):
+def test_experiment_keeps_the_obs_state_and_it_continues(checkpoint, corpus, corpus_b, tmp_path,
+                                                        monkeypatch):
     config = {"model": str(checkpoint), "sources": [str(corpus), str(corpus_b)],
               "num_calibration": 4, "num_test": 2, "seq_len": 32,
               "runs": [{"method": "copal", "protocol": "continual", "pattern": "2:4",
@@ -174,6 +175,22 @@ def test_experiment_keeps_the_obs_state_and_it_continues(checkpoint, corpus, cor
     heldout.write_text(heldout.read_text()[::-1])
     assert main(["continue", "--state", str(state), "--data", str(heldout),
                  "--out", str(tmp_path / "step3")]) == 0
+    _storage_benchmark_reproduces_the_run(out, copal, tmp_path / "bench", monkeypatch)
+
+
+def _storage_benchmark_reproduces_the_run(out, run, bench, monkeypatch):
+    """benchmarks.hessian_storage re-prunes from the state: in fp32 it is the run's last model."""
+    import sys
+
+    from benchmarks import hessian_storage
+
+    monkeypatch.setattr(sys, "argv", ["hessian_storage", str(out), "--state", run["state_file"],
+                                      "--out", str(bench)])
+    record = hessian_storage.main()
+    fp32 = record["storage"]["fp32"]
+    assert fp32["mask_entries_differing"] == 0 and fp32["relative_weight_change"] == 0
+    assert list(fp32["perplexity"].values()) == pytest.approx(run["P"][-1], rel=1e-6)
+    assert record["storage"]["bf16"]["relative_weight_change"] > 0
 
 
 def test_step_benchmark_smoke_run_on_cpu(tmp_path, monkeypatch):
