@@ -89,8 +89,13 @@ def main():
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     results = json.loads((args.run / "results.json").read_text())
-    run = next(r for r in results["runs"] if r.get("state_file") == args.state)
+    run = next((r for r in results["runs"] if r.get("state_file") == args.state), None)
+    if run is None:
+        parser.error(f"no run of {args.run} wrote the state {args.state}")
     spec, config = run["spec"], results["config"]
+    if config["device"] != "cpu" or results["identity"]["dtype"] != "float32":
+        parser.error("the re-prune runs in fp32 on the CPU, so it reproduces only a run made "
+                     f"there (this one: {config['device']}, {results['identity']['dtype']})")
     options = CopalOptions.from_dict({key: spec[key] for key in CopalOptions.FIELDS})
     if not options.obs:
         parser.error(f"{args.state} is not a state of COPAL's OBS update")
@@ -117,6 +122,10 @@ def main():
             desc=f"evaluate ({storage})")
         print(f"{storage}: {stats[storage]}")
     print(f"the run's last P row: {final_row}")
+    gap = max(abs(stats["fp32"]["perplexity"][name] / value - 1) for name, value in final_row.items())
+    if gap > 1e-6:
+        raise SystemExit(f"the fp32 re-prune is not the run's last model (perplexity off by "
+                         f"{gap:.2e}): the comparison would mean nothing")
     record = {**environment(), "benchmark": "COPAL OBS second-order state stored in half precision",
               "run": str(args.run), "state": args.state, "label": run["label"],
               "model": config["model"], "windows": f"{config['num_test']}x{config['seq_len']} test",

@@ -24,9 +24,10 @@ from .continual import (DenseWeights, RunSpec, copal_method, hessian_state, prun
 from .data import check_window_counts, make_dataset, source_name
 from .evaluate import perplexities
 from .hessian import check_hessian_dir, hessian_dir
-from .methods import CopalOptions, LayerHistory, Pattern, make_method
+from .methods import CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_pattern, make_method
 from .model import LayeredModel, check_execution, resolve_dtype
-from .outputs import MARKER, check_output_dir, check_output_file, write_marker
+from .outputs import (MARKER, OutputError, WorkDir, check_output_dir, check_output_file,
+                      replace_directory, write_marker)
 from .state import is_state_file, load_state, save_state
 from .sweep import prune_sweep
 from copal_kernels.machine import environment
@@ -50,6 +51,8 @@ def _copal_options(method: str, options: Optional[CopalOptions], pattern: Patter
         if options is not None:
             raise ValueError(f"COPAL options ({', '.join(CopalOptions.FIELDS)}) apply to "
                              f"--method copal only, not to {method}")
+        if method == "sparsegpt":
+            check_obs_pattern(pattern, SparseGPT.block_size)
         return None
     options = options or CopalOptions()
     options.check_pattern(pattern)
@@ -60,15 +63,35 @@ def _copal_options(method: str, options: Optional[CopalOptions], pattern: Patter
 
 
 def _state_target(state_out, out: Path, *, overwrite: bool, protect) -> Path:
-    if state_out is None:
-        return out / STATE_NAME
-    return check_output_file(state_out, overwrite=overwrite, protect=protect,
-                             what="--state-out", is_ours=is_state_file)
+    target = out / STATE_NAME if state_out is None else check_output_file(
+        state_out, overwrite=overwrite, protect=protect, what="--state-out", is_ours=is_state_file)
+    _check_hessian_target(target, overwrite)
+    return target
 
 
-def _pending(path: Path) -> Path:
-    """A hidden name beside ``path`` for a file that replaces it only once a run succeeds."""
-    return path.with_name(f".{path.stem}.copal-pending-{os.getpid()}{path.suffix}")
+def _check_hessian_target(target: Path, overwrite: bool) -> None:
+    """The second-order folder beside a state file to be written may exist only as the blocks
+    of the state being replaced (OutputError before any work)."""
+    folder = hessian_dir(target)
+    if not folder.exists():
+        return
+    ours = folder.is_dir() and all(p.name.startswith("block-") for p in folder.iterdir())
+    if not (ours and overwrite and target.is_file()):
+        raise OutputError(f"{folder} exists" + ("" if ours and target.is_file() else
+                          " without its state file, or is not copal's") +
+                          f"; it would be replaced by the state {target.name}'s second-order "
+                          "blocks: choose another path" + (" or pass --overwrite" if ours and
+                                                           target.is_file() else ""))
+
+
+def _land_state(staged: Path, target: Path) -> None:
+    """Move a state written in a work folder onto ``target``: its second-order blocks first (an
+    older folder moved aside and removed once the new one is in), then the file. A process
+    killed between the two leaves a file and a folder that the state's identifier tells apart:
+    refused, never used together (copal.hessian)."""
+    if hessian_dir(staged).is_dir():
+        replace_directory(hessian_dir(staged), hessian_dir(target))
+    os.replace(staged, target)
 
 
 def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool, run_sweep,
@@ -78,11 +101,12 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
     another); then copy the input's other files (config, tokenizer, generation config, ...),
     write the provenance marker and ``state`` (``(path, history, metadata, obs)``;
     ``hessian_target``: where the sweep writes the state's second-order blocks when ``obs``,
-    else None). A state inside ``out`` lands with the checkpoint; one elsewhere is written
-    beside its target and moved there only once the checkpoint has landed, so a failed run
-    neither leaves nor replaces a state."""
+    else None; the sweep returns their :class:`copal.hessian.HessianState`). A state inside
+    ``out`` lands with the checkpoint; one elsewhere is written in a work folder beside its
+    target (removed by the next run there if this process is killed) and moved there only once
+    the checkpoint has landed, so a failed run neither leaves nor replaces a state."""
     writer = ShardWriter(out, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
-    moves = []  # (written, final): a state outside the output, moved in after it lands
+    pending = None  # a work folder for a state outside the output
     try:
         staged = hessians = None
         if state is not None:
@@ -90,10 +114,8 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             if path.parent == out or out in path.parents:
                 staged = writer.staging / path.relative_to(out)
             else:
-                staged = _pending(path)
-                moves.append((staged, path))
-                if obs:
-                    moves.append((hessian_dir(staged), hessian_dir(path)))
+                pending = WorkDir(path.parent, f".{path.name}.copal-pending-")
+                staged = pending.path / path.name
             hessians = hessian_dir(staged) if obs else None
 
         def stored(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -105,27 +127,26 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             writer.write_shard(index, stored(
                 {f"{prefix}.{k}": v for k, v in block.state_dict().items()}))
 
-        run_sweep(write_block, hessians)
+        written = run_sweep(write_block, hessians)
         writer.write_shard(lm.num_blocks, stored(lm.outer_state()))
 
         def save_extra(staging):
             copy_non_weights(model_dir, staging, skip=(MARKER,))
             write_marker(staging, provenance)
             if state is not None:
-                save_state(staged, state[1], state[2])
+                metadata = dict(state[2], hessian_id=written.id) if hessians else state[2]
+                save_state(staged, state[1], metadata)
 
         landed = writer.finish(save_extra)
-        for written, final in moves:
-            if written.is_dir() and final.is_dir():
-                shutil.rmtree(final)  # the older state's blocks, replaced with its file
-            os.replace(written, final)
+        if pending is not None:
+            _land_state(staged, state[0])
         return landed
     except BaseException:
         writer.abort()
-        for written, _ in moves:
-            shutil.rmtree(written, ignore_errors=True) if written.is_dir() else \
-                written.unlink(missing_ok=True)
         raise
+    finally:
+        if pending is not None:
+            pending.release()
 
 
 def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = "wanda",
@@ -206,12 +227,13 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
            if dataset is not None else ""))
 
     def sweep(done, hessian_target):
-        method_now = pruner if hessian_target is None else make_method(
-            "copal", history=history, grad_norms=None, options=options,
-            hessians=hessian_state(options, None, hessian_target, 1))
+        hessians = hessian_state(options, None, hessian_target, 1) if hessian_target else None
+        method_now = pruner if hessians is None else make_method(
+            "copal", history=history, grad_norms=None, options=options, hessians=hessians)
         prune_sweep(lm, calibration_windows, method_now, parsed, device=device,
                     batch_size=batch_size, offload_activations=offload_activations,
                     on_block_done=done)
+        return hessians
 
     out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance, state)
     if state_path is not None:
@@ -286,7 +308,8 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
     lm.check_seq_len(meta["seq_len"])
     previous_hessians = hessian_dir(state) if options.obs else None
     if options.obs:
-        check_hessian_dir(previous_hessians, lm.num_blocks, len(meta["datasets"]))
+        check_hessian_dir(previous_hessians, lm.num_blocks, len(meta["datasets"]),
+                          options.step_weighting, meta["hessian_id"])
     else:
         _check_history_fits(history, lm, state)
     fingerprint = lm.fingerprint()
@@ -309,12 +332,14 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                       state=str(Path(state).resolve()), environment=environment())
 
     def sweep(done, hessian_target):
-        method_now = pruner if hessian_target is None else make_method(
-            "copal", history=history, grad_norms=None, options=options,
-            hessians=hessian_state(options, previous_hessians, hessian_target, step))
+        hessians = (hessian_state(options, previous_hessians, hessian_target, step)
+                    if hessian_target else None)
+        method_now = pruner if hessians is None else make_method(
+            "copal", history=history, grad_norms=None, options=options, hessians=hessians)
         prune_sweep(lm, dataset.calibration, method_now, pattern, device=device,
                     batch_size=batch_size, offload_activations=offload_activations,
                     on_block_done=done)
+        return hessians
 
     out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance,
                         (state_path, history, meta, options.obs))
@@ -386,7 +411,7 @@ class ContinualPruner:
         self.model_fingerprint = self.lm.fingerprint() if method == "copal" else None
         self.history: Dict[str, LayerHistory] = {}
         # the OBS update's second-order state, one folder per step, in a temporary folder
-        self._hessian_root = None
+        self._hessian_root = self._hessian_id = None
         if self.spec.options is not None and self.spec.options.obs:
             self._hessian_root = tempfile.TemporaryDirectory(prefix="copal-hessian-")
         self.joint_windows: List[torch.Tensor] = []  # joint only: every step's windows
@@ -436,8 +461,10 @@ class ContinualPruner:
             raise
         if self.spec.protocol == "joint":
             self.joint_windows.append(windows)
-        if hessians is not None and self.steps:
-            shutil.rmtree(self._hessian_dir(self.steps))
+        if hessians is not None:
+            if self.steps:
+                shutil.rmtree(self._hessian_dir(self.steps))
+            self._hessian_id = hessians.id
         self.steps += 1
         self.window_shape = tuple(windows.shape)
 
@@ -454,15 +481,21 @@ class ContinualPruner:
             raise ValueError(f"datasets names {len(datasets)} dataset(s) for {self.steps} step(s)")
         target = check_output_file(path, overwrite=overwrite, what="state file",
                                    is_ours=is_state_file)
-        if self._hessian_root is not None:  # the second-order blocks first, then the file
-            pending = hessian_dir(_pending(target))
-            shutil.copytree(self._hessian_dir(self.steps), pending)
-            if hessian_dir(target).is_dir():
-                shutil.rmtree(hessian_dir(target))
-            os.replace(pending, hessian_dir(target))
-        return save_state(target, self.history, state_metadata(
+        _check_hessian_target(target, overwrite)
+        metadata = state_metadata(
             getattr(self.lm.model.config, "_name_or_path", ""), self.model_fingerprint, datasets,
             self.spec.options, self.pattern, num_calibration=self.window_shape[0],
             seq_len=self.window_shape[1], seed=seed,
             dtype=str(self.lm.dtype).removeprefix("torch."),
-            batch_size=self.options["batch_size"]))
+            batch_size=self.options["batch_size"], hessian_id=self._hessian_id)
+        if self._hessian_root is None:
+            return save_state(target, self.history, metadata)
+        pending = WorkDir(target.parent, f".{target.name}.copal-pending-")
+        try:
+            staged = pending.path / target.name
+            shutil.copytree(self._hessian_dir(self.steps), hessian_dir(staged))
+            save_state(staged, self.history, metadata)
+            _land_state(staged, target)
+        finally:
+            pending.release()
+        return target

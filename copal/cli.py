@@ -23,8 +23,8 @@ from copal_kernels import AGGREGATIONS
 from .checkpoint import CheckpointError
 from .data import DataError
 from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, GRADIENTS,
-                      GROUPS, METHODS, NORMALISATIONS, STEP_WEIGHTINGS, WEIGHT_UPDATES,
-                      CopalOptions)
+                      GROUPS, MASK_DEFAULTS, METHODS, NORMALISATIONS, OBS_DEFAULTS,
+                      STEP_WEIGHTINGS, WEIGHT_UPDATES, CopalOptions)
 from .model import UnsupportedModelError
 from .outputs import OutputError
 
@@ -172,6 +172,12 @@ def _prune(args):
     if flags and args.method != "copal":
         raise ValueError(f"{', '.join(_flag(key) for key in flags)}: COPAL option(s), which "
                          f"--method {args.method} does not take")
+    update = flags.get("weight_update", "none")
+    other = [key for key in flags if key in (MASK_DEFAULTS if update == "obs" else OBS_DEFAULTS)]
+    if other:  # even at their defaults: a flag given is honoured or refused
+        raise ValueError(f"{', '.join(_flag(key) for key in other)}: option(s) of COPAL's "
+                         f"{'mask-only' if update == 'obs' else 'OBS'} variant, which "
+                         f"--weight-update {update} does not take")
     prune_checkpoint(args.model, args.data, args.out, method=args.method, pattern=args.pattern,
                      options=CopalOptions(**flags) if args.method == "copal" else None,
                      num_calibration=args.num_calibration, seq_len=args.seq_len, seed=args.seed,

@@ -23,7 +23,8 @@ from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
 from .hessian import HessianState
-from .methods import METHODS, CopalOptions, LayerHistory, Pattern, make_method
+from .methods import (METHODS, CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_pattern,
+                      make_method)
 from .model import LayeredModel
 from .outputs import WorkDir
 from .state import load_history, save_history
@@ -61,6 +62,8 @@ class RunSpec:
             self.options.check_pattern(pattern)
         elif self.options is not None:
             raise ValueError(f"{self.method} runs take no COPAL options ({self.options})")
+        if self.method == "sparsegpt":
+            check_obs_pattern(pattern, SparseGPT.block_size)
         if self.num_calibration is not None:
             if isinstance(self.num_calibration, bool) or not isinstance(self.num_calibration, int) \
                     or self.num_calibration < 1:
@@ -105,14 +108,15 @@ class RunSpec:
 
 def state_metadata(model, model_fingerprint: str, datasets: List[str], options: CopalOptions,
                    pattern: Pattern, *, num_calibration: int, seq_len: int, seed, dtype: str,
-                   batch_size) -> dict:
+                   batch_size, hessian_id: Optional[str] = None) -> dict:
     """What a COPAL state file records (``copal.state.METADATA_KEYS``): enough for ``copal
     continue`` to redo a step the same way with a new dataset (windows, compute dtype, batch
-    size), and to check that the dense model it is given is the one the state was made from."""
+    size), and to check that the dense model it is given is the one the state was made from;
+    ``hessian_id``: the OBS update's step that wrote the second-order blocks beside it."""
     return {"model": str(model), "model_fingerprint": model_fingerprint,
             "datasets": list(datasets), "pattern": pattern.exact, **options.to_dict(),
             "num_calibration": num_calibration, "seq_len": seq_len, "seed": seed,
-            "dtype": dtype, "batch_size": batch_size}
+            "dtype": dtype, "batch_size": batch_size, "hessian_id": hessian_id}
 
 
 @dataclass

@@ -21,7 +21,6 @@ holds it whole.
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,10 @@ from .checkpoint import CheckpointError
 from .continual import RunSpec, RunStore, run_continual, state_metadata
 from .data import SOURCES, check_window_counts, make_dataset, source_name, windows_digest
 from .evaluate import perplexities
-from .hessian import hessian_dir
+from .hessian import hessian_dir, hessian_id
 from .methods import Pattern
 from .model import LayeredModel, check_execution, resolve_dtype
-from .outputs import OutputError, probe_writable, refuse_dangerous
+from .outputs import OutputError, probe_writable, refuse_dangerous, replace_directory
 from .phases import HostPeak, peak_resident_bytes
 from .report import is_report, plot_files, print_summary, write_report
 from .state import is_state_file, save_state
@@ -480,17 +479,16 @@ def _run_one(spec, key, lm, model_dir, identity, datasets, heldout, config, out,
     history, hessians = run.pop("history"), run.pop("hessian_dir")
     if spec.method == "copal":
         state_name = f"state-{_slug(spec.label)}.safetensors"
+        written = None
         if hessians is not None and hessians.exists():  # the OBS variant's blocks: beside it
-            target = hessian_dir(out / state_name)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(hessians, target)
+            written = hessian_id(hessians)
+            replace_directory(hessians, hessian_dir(out / state_name))
         save_state(out / state_name, history, state_metadata(
             Path(model_dir).resolve(), identity["model_fingerprint"], run["datasets"],
             spec.options, Pattern.parse(spec.pattern),
             num_calibration=spec.num_calibration or config.num_calibration,
             seq_len=config.seq_len, seed=config.seed, dtype=identity["dtype"],
-            batch_size=config.batch_size))
+            batch_size=config.batch_size, hessian_id=written))
         run["state_file"] = state_name
     store.close()
     if not any(store.directory.parent.iterdir()):

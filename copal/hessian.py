@@ -14,12 +14,15 @@ equal-sized calibration sets the two coincide.
 
 On disk: one safetensors file per block, ``block-NNNNN.safetensors``, with ``<input>.gram`` and
 ``<input>.total`` per distinct input (``<input>``: the name of the first Linear that reads it) and
-metadata: the format, the number of steps, the weighting, and which Linears read each input. A
-step reads block i of the previous state and writes block i of the new one, so the host holds one
-block's matrices at a time and the previous state is never modified.
+metadata: the format, the number of steps, the weighting, which Linears read each input, and the
+step's identifier (random, one per step), which the state file records too, so that a state file
+and a folder of blocks that do not belong together are refused. A step reads block i of the
+previous state and writes block i of the new one, so the host holds one block's matrices at a
+time and the previous state is never modified.
 """
 
 import json
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -42,8 +45,16 @@ def block_file(directory: Path, index: int) -> Path:
 
 
 def hessian_dir(state_path) -> Path:
-    """Where a COPAL state file keeps its second-order blocks: beside it, ``<stem>.hessian``."""
-    return Path(state_path).with_suffix(".hessian")
+    """Where a COPAL state file keeps its second-order blocks: beside it, ``<name>.hessian``
+    (``copal-state.safetensors`` -> ``copal-state.safetensors.hessian``)."""
+    state_path = Path(state_path)
+    return state_path.with_name(state_path.name + ".hessian")
+
+
+def hessian_id(directory: Path) -> str:
+    """The identifier of the step that wrote ``directory``'s blocks (from its first block)."""
+    with safe_open(str(block_file(directory, 0)), framework="pt") as handle:
+        return (handle.metadata() or {})["id"]
 
 
 class HessianState:
@@ -63,6 +74,7 @@ class HessianState:
         self.step = step
         self.weighting = weighting
         self.lambda_t = float(lambdas[step - 1]) if lambdas else 1.0
+        self.id = uuid.uuid4().hex
 
     def _read(self, index: int, groups: Dict[str, List[str]], widths: Dict[str, int]):
         path = block_file(self.previous, index)
@@ -108,16 +120,18 @@ class HessianState:
             sums[f"{owner}.total"] = torch.tensor(total, dtype=torch.float64)
             hessians[owner] = step_sum * (2.0 / total)
         metadata = {"format": FORMAT, "steps": str(self.step), "weighting": self.weighting,
-                    "inputs": json.dumps(groups)}
+                    "inputs": json.dumps(groups), "id": self.id}
         self.target.mkdir(parents=True, exist_ok=True)
         write_atomically(block_file(self.target, index),
                          lambda name: save_file(sums, name, metadata=metadata))
         return hessians
 
 
-def check_hessian_dir(directory: Path, num_blocks: int, steps: int) -> None:
-    """Before any work: every block file of a state is there and says it holds ``steps``
-    steps (HessianStateError naming the first file that does not)."""
+def check_hessian_dir(directory: Path, num_blocks: int, steps: int, weighting: str,
+                      state_id: str) -> None:
+    """Before any work: every block file of a state is there and says it holds ``steps`` steps
+    weighted by ``weighting``, written by the step ``state_id`` that the state file records
+    (HessianStateError naming the first file that does not)."""
     for index in range(num_blocks):
         path = block_file(directory, index)
         try:
@@ -125,6 +139,11 @@ def check_hessian_dir(directory: Path, num_blocks: int, steps: int) -> None:
                 meta = handle.metadata() or {}
         except (SafetensorError, OSError, FileNotFoundError) as error:
             raise HessianStateError(f"{path}: missing or unreadable ({error})") from None
-        if meta.get("format") != FORMAT or meta.get("steps") != str(steps):
+        if meta.get("format") != FORMAT or meta.get("steps") != str(steps) \
+                or meta.get("weighting") != weighting:
             raise HessianStateError(f"{path}: not block {index} of a {steps}-step second-order "
-                                    "state")
+                                    f"state weighted by {weighting}")
+        if meta.get("id") != state_id:
+            raise HessianStateError(f"{path}: written by another run than its state file's "
+                                    f"(step {meta.get('id')}, the state's {state_id}); the state "
+                                    "file and this folder do not belong together")

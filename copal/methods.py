@@ -174,6 +174,14 @@ class Wanda(Method):
                 _prune(linear.weight.data, pattern, None, torch.sqrt(scaler_row))
 
 
+def check_obs_pattern(pattern: Pattern, block_size: int) -> None:
+    """SparseGPT's N:M groups are taken every M columns of each OBS block, so the block size
+    must be a multiple of M (ValueError, before any work)."""
+    if pattern.kind == "nm" and block_size % pattern.m:
+        raise ValueError(f"the OBS block size {block_size} is not a multiple of M={pattern.m}: "
+                         f"{pattern}'s groups of {pattern.m} columns would straddle OBS blocks")
+
+
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, block_size: int,
               dampening: float, layer: str = "") -> torch.Tensor:
     """SparseGPT's OBS pruning of one layer (Frantar & Alistarh 2023, Algorithm 1): the mask
@@ -185,6 +193,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     hessian: fp32 [in, in], ``2 X X^T / n`` (not modified). Dampening adds ``dampening x
     mean(diag H)`` to the diagonal; a Cholesky failure retries with ten times more, up to
     three times, and says so (a warning naming ``layer``); then raises LinAlgError."""
+    check_obs_pattern(pattern, block_size)
     W = weight.to(torch.float32).clone()
     H = hessian.clone()
     columns = W.shape[1]
@@ -353,7 +362,8 @@ class CopalOptions:
             object.__setattr__(self, "step_weights", weights)
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) \
                 or not 0 < self.dampening < 1e3:
-            raise ValueError(f"COPAL dampening must be a positive number, got {self.dampening!r}")
+            raise ValueError(f"COPAL dampening must be a positive number below 1000, got "
+                             f"{self.dampening!r}")
         object.__setattr__(self, "dampening", float(self.dampening))
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
                 or self.block_size < 1:
@@ -387,6 +397,8 @@ class CopalOptions:
         return self.weight_update == "obs"
 
     def check_pattern(self, pattern: Pattern) -> None:
+        if self.obs:
+            check_obs_pattern(pattern, self.block_size)
         if self.group == "layer" and pattern.kind == "nm":
             raise ValueError(f"COPAL group 'layer' applies to unstructured patterns; an N:M "
                              f"pattern ({pattern}) chooses within each group of {pattern.m}")

@@ -21,7 +21,10 @@ FORMAT = "copal-state/1"
 METADATA_KEYS = ("model", "model_fingerprint", "datasets", "pattern", "gradient", "aggregation",
                  "normalisation", "group", "step_weights", "weight_update", "step_weighting",
                  "dampening", "block_size", "num_calibration", "seq_len", "seed", "dtype",
-                 "batch_size")
+                 "batch_size", "hessian_id")
+# keys that states written before the OBS update lack: they were all mask-only
+MASK_ONLY_DEFAULTS = {"weight_update": "none", "step_weighting": "tokens", "dampening": 0.01,
+                      "block_size": 128, "hessian_id": None}
 
 
 def _missing_keys(metadata: dict) -> list:
@@ -102,13 +105,16 @@ def load_state(path) -> Tuple[Dict[str, LayerHistory], dict]:
         metadata = json.loads(header["metadata"])
     except (KeyError, ValueError):
         raise ValueError(f"{path}: the state's metadata is missing or not JSON") from None
+    if "weight_update" not in metadata:
+        metadata = {**MASK_ONLY_DEFAULTS, **metadata}
     missing = _missing_keys(metadata)
     if missing:
         raise ValueError(f"{path}: the state's metadata lacks {', '.join(missing)}; it cannot be "
                          "continued (written by an older copal?)")
     if metadata["weight_update"] == "obs":  # its state is the second-order blocks beside it
-        if history:
-            raise ValueError(f"{path}: an OBS state with importance vectors; it is inconsistent")
+        if history or not metadata["hessian_id"]:
+            raise ValueError(f"{path}: an OBS state with importance vectors or without its "
+                             "second-order blocks' identifier; it is inconsistent")
         return history, metadata
     steps = {len(layer.acts) for layer in history.values()} | {
         len(layer.grads) for layer in history.values()}

@@ -127,6 +127,75 @@ def test_a_state_it_cannot_serve_is_refused_naming_the_file(checkpoint, corpus, 
                        {"self_attn.q_proj": ["self_attn.q_proj"]})
 
 
+def test_a_state_file_and_blocks_of_another_run_are_refused(checkpoint, corpus, corpus_b, tmp_path,
+                                                            capsys):
+    """The state file records the step that wrote its blocks: a file beside another run's
+    folder (a copy gone wrong, or a kill between the two moves) is refused, never used."""
+    runs = [prune_checkpoint(str(checkpoint), str(source), tmp_path / name, method="copal",
+                             pattern="2:4", options=OBS, log=lambda *_: None, **WINDOWS)
+            for name, source in (("a", corpus), ("b", corpus_b))]
+    folders = [hessian_dir(run / "copal-state.safetensors") for run in runs]
+    shutil.rmtree(folders[0])
+    shutil.copytree(folders[1], folders[0])
+    assert main(["continue", "--state", str(runs[0] / "copal-state.safetensors"),
+                 "--data", str(corpus_b), "--out", str(tmp_path / "o")]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_where_the_blocks_would_go_is_refused_before_any_work(checkpoint, corpus,
+                                                                      tmp_path, capsys):
+    state = tmp_path / "elsewhere" / "run.safetensors"
+    hessian_dir(state).mkdir(parents=True)
+    (hessian_dir(state) / "notes.txt").write_text("mine")
+    argv = ["prune", "--model", str(checkpoint), "--data", str(corpus), "--method", "copal",
+            "--weight-update", "obs", "--pattern", "2:4", "--num-calibration", "4",
+            "--seq-len", "32", "--state-out", str(state)]
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 2
+    assert "without its state file, or is not copal's" in capsys.readouterr().err
+    assert (hessian_dir(state) / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "o").exists()
+    (hessian_dir(state) / "notes.txt").unlink()
+    hessian_dir(state).rmdir()
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in state.parent.iterdir()) == [state.name, hessian_dir(state).name]
+    assert main(argv + ["--out", str(tmp_path / "o2")]) == 2  # exists: --overwrite replaces it
+    assert main(argv + ["--out", str(tmp_path / "o2"), "--overwrite"]) == 0
+    assert len(list(hessian_dir(state).iterdir())) == 2
+
+
+@pytest.mark.parametrize("pattern,block_size", [("2:3", None), ("2:4", 6)])
+def test_nm_groups_straddling_obs_blocks_are_refused_before_any_work(pattern, block_size):
+    """SparseGPT takes N:M groups every M columns of each 128-column block (as upstream)."""
+    from copal.continual import RunSpec
+
+    with pytest.raises(ValueError, match="not a multiple of M"):
+        if block_size is None:
+            RunSpec("sparsegpt", "restart", pattern)
+        else:
+            RunSpec("copal", "continual", pattern,
+                    options=CopalOptions(weight_update="obs", block_size=block_size))
+
+
+def test_a_state_from_before_the_obs_update_is_mask_only(checkpoint, corpus, tmp_path):
+    import json as json_module
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    first = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "s1", method="copal",
+                             pattern="50%", log=lambda *_: None, **WINDOWS)
+    state = first / "copal-state.safetensors"
+    with safe_open(str(state), framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    meta = json_module.loads(header["metadata"])
+    for key in ("weight_update", "step_weighting", "dampening", "block_size", "hessian_id"):
+        del meta[key]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=dict(header, metadata=json_module.dumps(meta)))
+    assert load_state(old)[1]["weight_update"] == "none"
+
+
 def test_cholesky_failure_retries_with_more_dampening_and_says_so():
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
     with warnings.catch_warnings(record=True) as caught:
@@ -139,11 +208,14 @@ def test_cholesky_failure_retries_with_more_dampening_and_says_so():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--weight-update", "obs", "--aggregation", "max"], "do(es) not apply with weight_update"),
-    (["--step-weighting", "datasets"], "they are options of the OBS update"),
+    (["--weight-update", "obs", "--aggregation", "max"], "--aggregation: option(s) of COPAL's mask"),
+    (["--step-weighting", "datasets"], "--step-weighting: option(s) of COPAL's OBS variant"),
     (["--method", "wanda", "--weight-update", "obs"], "--weight-update: COPAL option(s)"),
     (["--weight-update", "obs", "--dampening", "-1"], "dampening must be a positive number"),
-], ids=["obs-aggregation", "weighting-mask-only", "obs-wanda", "dampening"])
+    (["--obs-block-size", "128"], "--obs-block-size: option(s) of COPAL's OBS variant"),
+    (["--weight-update", "obs", "--gradient", "none"], "--gradient: option(s) of COPAL's mask-only"),
+], ids=["obs-aggregation", "weighting-mask-only", "obs-wanda", "dampening", "default-obs-flag",
+        "default-mask-flag"])
 def test_obs_options_are_honoured_or_refused(checkpoint, corpus, tmp_path, capsys, argv,
                                              message):
     method = [] if "--method" in argv else ["--method", "copal"]
@@ -205,3 +277,10 @@ def test_step_benchmark_smoke_run_on_cpu(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "reconstruction_step.jsonl").read_text())
     assert set(record["seconds"]) == {"sparsegpt", "copal_obs_step1", "copal_obs_step2"}
     assert record["state_bytes_read_and_written_per_step"][0] > 0
+
+
+def test_options_of_the_other_variant_are_refused_by_the_api():
+    with pytest.raises(ValueError, match=r"aggregation do\(es\) not apply"):
+        CopalOptions(weight_update="obs", aggregation="max")
+    with pytest.raises(ValueError, match="they are options of the OBS update"):
+        CopalOptions(dampening=0.1)
