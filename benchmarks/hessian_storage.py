@@ -96,7 +96,7 @@ def main():
     if config["device"] != "cpu" or results["identity"]["dtype"] != "float32":
         parser.error("the re-prune runs in fp32 on the CPU, so it reproduces only a run made "
                      f"there (this one: {config['device']}, {results['identity']['dtype']})")
-    options = CopalOptions.from_dict({key: spec[key] for key in CopalOptions.FIELDS})
+    options = CopalOptions.from_dict({key: spec[key] for key in CopalOptions.FIELDS if key in spec})
     if not options.obs:
         parser.error(f"{args.state} is not a state of COPAL's OBS update")
     pattern = Pattern.parse(spec["pattern"])

@@ -22,14 +22,14 @@ from copal_kernels import AGGREGATIONS
 
 from .checkpoint import CheckpointError
 from .data import DataError
-from .methods import (DEFAULT_AGGREGATION, DEFAULT_GRADIENT, DEFAULT_NORMALISATION, GRADIENTS,
-                      GROUPS, MASK_DEFAULTS, METHODS, NORMALISATIONS, OBS_DEFAULTS,
-                      STEP_WEIGHTINGS, WEIGHT_UPDATES, CopalOptions)
+from .methods import (CALIBRATION_INPUTS, DEFAULT_AGGREGATION, DEFAULT_GRADIENT,
+                      DEFAULT_NORMALISATION, GRADIENTS, GROUPS, MASK_DEFAULTS, METHODS,
+                      NORMALISATIONS, OBS_DEFAULTS, STEP_WEIGHTINGS, WEIGHT_UPDATES, CopalOptions)
 from .model import UnsupportedModelError
 from .outputs import OutputError
 
 COPAL_FLAGS = ("gradient", "aggregation", "normalisation", "group", "weight_update",
-               "step_weighting", "dampening", "block_size")
+               "step_weighting", "dampening", "block_size", "calibration_inputs")
 # what an interrupted verb leaves
 INTERRUPTED = {
     "prune": "nothing was written",
@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 0.01, SparseGPT's)")
     prune.add_argument("--obs-block-size", type=int, dest="block_size",
                        help="COPAL obs only: columns per OBS block (default 128, SparseGPT's)")
+    prune.add_argument("--calibration-inputs", choices=CALIBRATION_INPUTS,
+                       help="COPAL obs only: calibrate each block on the inputs of the blocks "
+                            "below as pruned by this step (default, SparseGPT's sequential "
+                            "calibration) or as dense (docs/reconstruction.md)")
     prune.add_argument("--out", required=True)
     prune.add_argument("--state-out", help="COPAL only: the state file (default "
                                            "OUT/copal-state.safetensors)")

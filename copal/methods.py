@@ -93,6 +93,7 @@ class Method:
     name = "base"
     needs_gram = False
     needs_acts = True
+    dense_inputs = False  # the sweep feeds the next block the dense block's outputs, not the pruned one's
 
     @contextlib.contextmanager
     def observe(self, linears: Dict[str, nn.Linear]):
@@ -303,7 +304,9 @@ GROUPS = ("row", "layer")
 
 WEIGHT_UPDATES = ("none", "obs")  # deploy W0 * M_t, or SparseGPT's OBS update of W0
 STEP_WEIGHTINGS = ("tokens", "datasets")  # how the OBS update weighs past steps' Hessians
-OBS_DEFAULTS = dict(step_weighting="tokens", dampening=0.01, block_size=128)  # SparseGPT's
+CALIBRATION_INPUTS = ("pruned", "dense")  # each block calibrated on the pruned or the dense model's inputs
+OBS_DEFAULTS = dict(step_weighting="tokens", dampening=0.01, block_size=128,
+                    calibration_inputs="pruned")  # SparseGPT's
 MASK_DEFAULTS = dict(aggregation=DEFAULT_AGGREGATION, gradient=DEFAULT_GRADIENT,
                      normalisation=DEFAULT_NORMALISATION, group="row")
 
@@ -327,7 +330,10 @@ class CopalOptions:
     OBS (``obs``) options: step_weighting, ``tokens`` (every calibration token alike: the
     Hessian of the union of the steps' data) or ``datasets`` (every step alike); dampening (a
     fraction of the mean diagonal, SparseGPT's 0.01) and block_size (columns per OBS block,
-    SparseGPT's 128).
+    SparseGPT's 128); calibration_inputs, ``pruned`` (each block's Gram from the outputs of the
+    blocks below as pruned by this step: SparseGPT's sequential calibration) or ``dense`` (from
+    the dense model's: every step's Gram is then what any later step would compute, so the
+    state's Hessian is exactly the union's; docs/reconstruction.md).
 
     Every value is checked here, and an option of one variant set away from its default on the
     other is refused; :meth:`check_pattern` refuses what a pattern cannot honour.
@@ -342,11 +348,13 @@ class CopalOptions:
     step_weighting: str = "tokens"
     dampening: float = 0.01
     block_size: int = 128
+    calibration_inputs: str = "pruned"
 
     def __post_init__(self):
         for key, allowed in (("aggregation", ck.AGGREGATIONS), ("gradient", GRADIENTS),
                              ("normalisation", NORMALISATIONS), ("group", GROUPS),
-                             ("weight_update", WEIGHT_UPDATES), ("step_weighting", STEP_WEIGHTINGS)):
+                             ("weight_update", WEIGHT_UPDATES), ("step_weighting", STEP_WEIGHTINGS),
+                             ("calibration_inputs", CALIBRATION_INPUTS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"COPAL {key} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, key)!r}")
@@ -378,7 +386,7 @@ class CopalOptions:
                                                "they are options of the OBS update"))
 
     FIELDS = ("aggregation", "gradient", "normalisation", "group", "step_weights",
-              "weight_update", "step_weighting", "dampening", "block_size")
+              "weight_update", "step_weighting", "dampening", "block_size", "calibration_inputs")
 
     @classmethod
     def from_dict(cls, data: dict) -> "CopalOptions":
@@ -416,6 +424,7 @@ class CopalOptions:
             text = f"[obs,{self.step_weighting}{lambdas}"
             text += f",damp={self.dampening:g}" if self.dampening != OBS_DEFAULTS["dampening"] else ""
             text += f",block={self.block_size}" if self.block_size != OBS_DEFAULTS["block_size"] else ""
+            text += ",dense-inputs" if self.calibration_inputs == "dense" else ""
             return text + "]"
         text = f"[{self.aggregation},{'grad' if self.gradient == 'lm' else 'nograd'}{lambdas}"
         text += ",raw" if self.normalisation == "none" else ""
@@ -446,6 +455,7 @@ class Copal(Method):
         self.hessians = hessians
         self.needs_gram = options.obs
         self.needs_acts = not options.obs
+        self.dense_inputs = options.obs and options.calibration_inputs == "dense"
 
     def prune_block(self, block_index, linears, stats, pattern):
         if self.options.obs:

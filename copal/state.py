@@ -21,10 +21,10 @@ FORMAT = "copal-state/1"
 METADATA_KEYS = ("model", "model_fingerprint", "datasets", "pattern", "gradient", "aggregation",
                  "normalisation", "group", "step_weights", "weight_update", "step_weighting",
                  "dampening", "block_size", "num_calibration", "seq_len", "seed", "dtype",
-                 "batch_size", "hessian_id")
+                 "batch_size", "hessian_id", "calibration_inputs")
 # keys that states written before the OBS update lack: they were all mask-only
 MASK_ONLY_DEFAULTS = {"weight_update": "none", "step_weighting": "tokens", "dampening": 0.01,
-                      "block_size": 128, "hessian_id": None}
+                      "block_size": 128, "hessian_id": None, "calibration_inputs": "pruned"}
 
 
 def _missing_keys(metadata: dict) -> list:

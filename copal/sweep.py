@@ -163,12 +163,16 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
         linears = lm.linears(block)
         for name, linear in linears.items():
             pattern.check_layer(f"block {index} {name}", linear.in_features)
+        following = observes and index + 1 < lm.num_blocks
         with torch.no_grad():
             with phase(timer, "forward"), method.observe(linears) as stats:
-                observe_blocks(lm, block, chunks, device)
+                if following and method.dense_inputs:  # the dense block's outputs go on
+                    chunks = run_blocks(lm, block, chunks, device, offload_activations)
+                else:
+                    observe_blocks(lm, block, chunks, device)
             with phase(timer, "kernels"):
                 method.prune_block(index, linears, stats, pattern)
-            if observes and index + 1 < lm.num_blocks:  # the next block's inputs
+            if following and not method.dense_inputs:  # the next block's inputs
                 with phase(timer, "propagate"):
                     chunks = run_blocks(lm, block, chunks, device, offload_activations)
         with phase(timer, "offload"):

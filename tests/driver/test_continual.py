@@ -127,7 +127,8 @@ def test_state_round_trip(tmp_path):
                 "gradient": "lm", "aggregation": "max", "normalisation": "mean", "group": "row",
                 "step_weights": None, "weight_update": "none", "step_weighting": "tokens",
                 "dampening": 0.01, "block_size": 128, "num_calibration": 32, "seq_len": 512,
-                "seed": 0, "dtype": "float32", "batch_size": "auto", "hessian_id": None}
+                "seed": 0, "dtype": "float32", "batch_size": "auto", "hessian_id": None,
+                "calibration_inputs": "pruned"}
     path = save_state(tmp_path / "state.safetensors", history, metadata)
     loaded, meta = load_state(path)
     assert meta == metadata

@@ -74,6 +74,34 @@ def test_steps_equal_the_joint_hessian_at_the_layer_level(tmp_path):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_dense_inputs_make_the_state_the_union_hessian(tmp_path):
+    """calibration_inputs = "dense": every step's Gram comes from the dense model's block
+    inputs, so two steps' state is the Gram of one step on both datasets (up to summation
+    order): SparseGPT-joint's Hessian with dense calibration inputs, whatever the order."""
+    dense = CopalOptions(weight_update="obs", calibration_inputs="dense")
+    a, b = _windows(1), _windows(2)
+
+    def run(steps, folder):
+        previous = None
+        for step, windows in enumerate(steps, start=1):
+            target = tmp_path / f"{folder}-{step}"
+            lm = LayeredModel.from_model(tiny_model())
+            method = make_method("copal", history={}, grad_norms=None, options=dense,
+                                 hessians=HessianState(previous, target, step, "tokens"))
+            assert method.dense_inputs
+            prune_sweep(lm, windows, method, Pattern.parse("2:4"))
+            previous = target
+        return previous
+
+    steps, joint = run([a, b], "steps"), run([torch.cat([a, b])], "joint")
+    for index in range(2):
+        got, want = load_file(block_file(steps, index)), load_file(block_file(joint, index))
+        assert got.keys() == want.keys()
+        for key in got:
+            torch.testing.assert_close(got[key], want[key].to(got[key].dtype), rtol=1e-5,
+                                       atol=1e-4)
+
+
 def test_continue_from_the_state_alone_equals_one_process(checkpoint, corpus, corpus_b,
                                                           tmp_path):
     first = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "s1", method="copal",
