@@ -56,7 +56,7 @@ def _copal_options(method: str, options: Optional[CopalOptions], pattern: Patter
         return None
     options = options or CopalOptions()
     options.check_pattern(pattern)
-    if options.step_weights is not None:
+    if options.fixed_step_weights:
         raise ValueError("fixed step_weights need every step's weight up front; copal prune and "
                          "copal continue take one step at a time (use copal experiment)")
     return options
@@ -287,7 +287,7 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
         log(f"note: batch size {batch_size} where the state's steps used {meta['batch_size']}")
     check_execution(device=device, dtype=dtype, batch_size=batch_size,
                     offload_activations=offload_activations)
-    if meta["step_weights"]:
+    if isinstance(meta["step_weights"], list):
         raise ValueError(f"{state}: made with fixed step weights lambda={meta['step_weights']} "
                          "for its steps; continuing it would need one more, which copal "
                          "continue does not take")
@@ -401,7 +401,7 @@ class ContinualPruner:
         protocol = protocol or ("continual" if method == "copal" else "restart")
         self.spec = RunSpec(method, protocol, pattern, options)
         self.pattern = Pattern.parse(pattern)
-        if self.spec.options is not None and self.spec.options.step_weights is not None:
+        if self.spec.options is not None and self.spec.options.fixed_step_weights:
             raise ValueError("fixed step_weights need every step's weight up front; a "
                              "ContinualPruner takes one step at a time")
         _check_on_host(model)

@@ -28,7 +28,7 @@ from .methods import (CALIBRATION_INPUTS, DEFAULT_AGGREGATION, DEFAULT_GRADIENT,
 from .model import UnsupportedModelError
 from .outputs import OutputError
 
-COPAL_FLAGS = ("gradient", "aggregation", "normalisation", "group", "weight_update",
+COPAL_FLAGS = ("gradient", "aggregation", "normalisation", "group", "step_weights", "weight_update",
                "step_weighting", "dampening", "block_size", "calibration_inputs")
 # what an interrupted verb leaves
 INTERRUPTED = {
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 0.01, SparseGPT's)")
     prune.add_argument("--obs-block-size", type=int, dest="block_size",
                        help="COPAL obs only: columns per OBS block (default 128, SparseGPT's)")
+    prune.add_argument("--step-weights", choices=["linear"],
+                       help="COPAL only: linear weighs step s by s (recent datasets more; "
+                            "default: all alike); fixed lists go in an experiment's config")
     prune.add_argument("--calibration-inputs", choices=CALIBRATION_INPUTS,
                        help="COPAL obs only: calibrate each block on the inputs of the blocks "
                             "below as pruned by this step (default, SparseGPT's sequential "

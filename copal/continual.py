@@ -264,7 +264,7 @@ def hessian_state(options: CopalOptions, previous: Optional[Path], target: Path,
     """The second-order state of step ``step`` for COPAL's OBS update (None for mask-only)."""
     if not options.obs:
         return None
-    return HessianState(previous, target, step, options.step_weighting, options.step_weights)
+    return HessianState(previous, target, step, options.step_weighting, options.step_weight(step))
 
 
 def prune_step(lm, dense, history, windows, pattern, spec, *, device, batch_size, offload, desc,

@@ -59,11 +59,11 @@ def hessian_id(directory: Path) -> str:
 
 class HessianState:
     """Read the previous step's blocks from ``previous`` (None at step 1), write this step's
-    (``step``, 1-based) into ``target``. ``weighting``: "tokens" or "datasets"; ``lambdas``:
-    the fixed step weights lambda_s, or None (all 1)."""
+    (``step``, 1-based) into ``target``. ``weighting``: "tokens" or "datasets"; ``lambda_t``:
+    this step's weight (CopalOptions.step_weight)."""
 
     def __init__(self, previous: Optional[Path], target: Path, step: int, weighting: str,
-                 lambdas: Optional[Tuple[float, ...]] = None):
+                 lambda_t: float = 1.0):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"step weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         if (previous is None) != (step == 1):
@@ -73,7 +73,7 @@ class HessianState:
         self.target = Path(target)
         self.step = step
         self.weighting = weighting
-        self.lambda_t = float(lambdas[step - 1]) if lambdas else 1.0
+        self.lambda_t = float(lambda_t)
         self.id = uuid.uuid4().hex
 
     def _read(self, index: int, groups: Dict[str, List[str]], widths: Dict[str, int]):

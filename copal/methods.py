@@ -318,8 +318,10 @@ class CopalOptions:
 
     weight_update: ``none`` deploys ``W0 * M_t`` with the mask from the importance below;
     ``obs`` prunes W0 with SparseGPT's OBS procedure on the Hessian accumulated over every step
-    (copal.hessian), updating the kept weights. step_weights: lambda_s per step, one per dataset
-    of the run, or None (all 1); both variants honour it.
+    (copal.hessian), updating the kept weights. step_weights: lambda_s per step, a fixed list
+    (one per dataset of the run), ``"linear"`` (lambda_s = s, the s-th step: recent steps weigh
+    more, for any number of steps, so a state can be continued), or None (all 1); both variants
+    honour it.
 
     Mask-only (``none``) options: aggregation, how the steps combine (``sum``: METHOD.md; ``max``;
     ``sumsq``: the sum of the squared terms); gradient, ``lm`` (METHOD.md's gradient pass over the
@@ -358,7 +360,7 @@ class CopalOptions:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"COPAL {key} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, key)!r}")
-        if self.step_weights is not None:
+        if self.step_weights is not None and self.step_weights != "linear":
             try:
                 weights = tuple(float(w) for w in self.step_weights)
             except (TypeError, ValueError):
@@ -397,7 +399,8 @@ class CopalOptions:
 
     def to_dict(self) -> dict:
         data = {key: getattr(self, key) for key in self.FIELDS}
-        data["step_weights"] = list(self.step_weights) if self.step_weights else None
+        data["step_weights"] = list(self.step_weights) if self.fixed_step_weights else \
+            self.step_weights
         return data
 
     @property
@@ -411,15 +414,27 @@ class CopalOptions:
             raise ValueError(f"COPAL group 'layer' applies to unstructured patterns; an N:M "
                              f"pattern ({pattern}) chooses within each group of {pattern.m}")
 
+    @property
+    def fixed_step_weights(self) -> bool:
+        """A list of step weights, which needs every step's weight up front."""
+        return isinstance(self.step_weights, tuple)
+
+    def step_weight(self, step: int) -> float:
+        """lambda_s of step ``step`` (1-based)."""
+        if self.step_weights is None:
+            return 1.0
+        return float(step) if self.step_weights == "linear" else self.step_weights[step - 1]
+
     def check_steps(self, steps: int) -> None:
         """Fixed step weights must name one weight per step of the run."""
-        if self.step_weights is not None and len(self.step_weights) != steps:
+        if self.fixed_step_weights and len(self.step_weights) != steps:
             raise ValueError(f"COPAL step_weights has {len(self.step_weights)} weight(s) for "
                              f"{steps} step(s)")
 
     @property
     def label(self) -> str:
-        lambdas = f",lambda={list(self.step_weights)}" if self.step_weights else ""
+        lambdas = f",lambda={list(self.step_weights)}" if self.fixed_step_weights else (
+            ",lambda=linear" if self.step_weights else "")
         if self.obs:
             text = f"[obs,{self.step_weighting}{lambdas}"
             text += f",damp={self.dampening:g}" if self.dampening != OBS_DEFAULTS["dampening"] else ""
@@ -477,8 +492,8 @@ class Copal(Method):
             acts = torch.stack(layer.acts).to(device)
             weights = None
             if options.step_weights is not None:
-                weights = torch.tensor(options.step_weights[: len(layer.grads)], device=device,
-                                       dtype=torch.float32)
+                weights = torch.tensor([options.step_weight(s + 1) for s in range(len(layer.grads))],
+                                       device=device, dtype=torch.float32)
             with naming_layer(block_index, name):
                 _prune(linear.weight.data, pattern, grads, acts, group=options.group,
                        aggregation=options.aggregation, step_weights=weights)

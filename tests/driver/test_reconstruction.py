@@ -131,6 +131,27 @@ def test_continue_from_the_state_alone_equals_one_process(checkpoint, corpus, co
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_linear_step_weights_continue_from_the_state(checkpoint, corpus, corpus_b, tmp_path):
+    """step_weights = "linear" (lambda_s = s) needs no list up front, so copal continue takes
+    it: after two steps the state holds G_1 + 2 G_2 over n_1 + 2 n_2 tokens."""
+    argv = ["--num-calibration", "4", "--seq-len", "32"]
+    assert main(["prune", "--model", str(checkpoint), "--data", str(corpus), "--method", "copal",
+                 "--weight-update", "obs", "--step-weights", "linear", "--pattern", "2:4",
+                 "--out", str(tmp_path / "s1"), *argv]) == 0
+    first = tmp_path / "s1" / "copal-state.safetensors"
+    assert main(["continue", "--state", str(first), "--data", str(corpus_b),
+                 "--out", str(tmp_path / "s2")]) == 0
+    second = tmp_path / "s2" / "copal-state.safetensors"
+    meta = load_state(second)[1]
+    assert meta["step_weights"] == "linear" and len(meta["datasets"]) == 2
+    one, two = (load_file(block_file(hessian_dir(state), 0)) for state in (first, second))
+    tokens = 4 * 32
+    assert float(one["self_attn.q_proj.total"]) == tokens
+    assert float(two["self_attn.q_proj.total"]) == tokens + 2 * tokens
+    assert CopalOptions(step_weights="linear").label == "[sumsq,nograd,lambda=linear,raw]"
+    assert [CopalOptions(step_weights="linear").step_weight(s) for s in (1, 2, 3)] == [1, 2, 3]
+
+
 def test_a_state_it_cannot_serve_is_refused_naming_the_file(checkpoint, corpus, corpus_b,
                                                             tmp_path, capsys):
     first = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "s1", method="copal",
