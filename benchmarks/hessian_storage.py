@@ -3,11 +3,14 @@ perplexity? (docs/reconstruction.md, "Size").
 
 A finished run's state holds, per block, the Gram sums ``G_{<=t}`` that its last step pruned
 with. This re-prunes the dense model from that state, block by block, three times: with the
-Grams as stored (fp32), and rounded to bf16 and to fp16 and back (what a half-size copy would
-give the next step), then counts the mask entries that differ from the fp32 re-prune, the
+Grams as stored (fp32); rounded to bf16 and back; and divided by their token counts, rounded to
+fp16 and back (the raw sums can exceed fp16's range, 65504: such entries are counted). That is
+what a half-size copy would give the next step. Then it counts the mask entries that differ from the fp32 re-prune, the
 relative change of the pruned weights, and evaluates each on the run's test windows. The fp32
-re-prune is the run's own last model: its perplexities must equal the last row of the run's P
-matrix (printed beside them as a check).
+re-prune is the run's own last model: its perplexities equal the last row of the run's P matrix
+when both ran with the same number of threads (the test checks it to 1e-6; with another thread
+count the arithmetic's last bits, and near-tied choices, move: the gap is recorded, and over
+1e-2 the benchmark stops).
 
 This is an upper bound on a half-precision copy's effect: a real step would add its own
 fresh fp32 Gram to the rounded past sum, where here the whole sum is rounded.
@@ -39,7 +42,9 @@ try:
 except ImportError:  # run as a script
     from common import RESULTS_DIR
 
-STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# name: (the dtype on disk, whether the sum G is stored divided by its token count N)
+STORAGE = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+           "fp16 of G/N": (torch.float16, True)}
 
 
 def reprune(lm: LayeredModel, directory: Path, pattern: Pattern, options: CopalOptions):
@@ -47,6 +52,7 @@ def reprune(lm: LayeredModel, directory: Path, pattern: Pattern, options: CopalO
     fp32, relative Frobenius change of the pruned weights from fp32's)} over the model."""
     states = {name: [] for name in STORAGE}
     flips = {name: 0 for name in STORAGE}
+    fp16_overflow = 0  # entries of G beyond fp16's range (65504): the raw sum cannot be fp16
     change = {name: [0.0, 0.0] for name in STORAGE}  # ||W_s - W_fp32||^2, ||W_fp32||^2
     entries = 0
     for index in range(lm.num_blocks):
@@ -58,12 +64,16 @@ def reprune(lm: LayeredModel, directory: Path, pattern: Pattern, options: CopalO
         block = {name: dict(dense) for name in STORAGE}
         for owner, names in groups.items():
             gram, total = tensors[f"{owner}.gram"], float(tensors[f"{owner}.total"])
-            for storage, dtype in STORAGE.items():
-                hessian = gram.to(dtype).to(torch.float32) * (2.0 / total)
+            fp16_overflow += int((gram.abs() > torch.finfo(torch.float16).max).sum())
+            for storage, (dtype, normalised) in STORAGE.items():
+                if normalised:
+                    hessian = (gram / total).to(dtype).to(torch.float32) * 2.0
+                else:
+                    hessian = gram.to(dtype).to(torch.float32) * (2.0 / total)
                 for name in names:
                     block[storage][f"{name}.weight"] = obs_prune(
                         dense[f"{name}.weight"], hessian, pattern, block_size=options.block_size,
-                        dampening=options.dampening, layer=f"block {index} {name}")
+                        dampening=options.dampening, layer=f"block {index} {name} ({storage})")
         for name in (n for names in groups.values() for n in names):
             reference = block["fp32"][f"{name}.weight"]
             entries += reference.numel()
@@ -78,6 +88,7 @@ def reprune(lm: LayeredModel, directory: Path, pattern: Pattern, options: CopalO
               flush=True)
     stats = {s: {"mask_entries_differing": flips[s], "mask_entries": entries,
                  "relative_weight_change": (change[s][0] / change[s][1]) ** 0.5} for s in STORAGE}
+    stats["fp16"] = {"gram_entries_beyond_fp16_range": fp16_overflow}
     return states, stats
 
 
@@ -116,6 +127,8 @@ def main():
     lm = LayeredModel.from_checkpoint(model, dtype=torch.float32)
     states, stats = reprune(lm, directory, pattern, options)
     final_row = dict(zip(run["datasets"], run["P"][-1]))
+    print(f"fp16: {stats['fp16']['gram_entries_beyond_fp16_range']} entries of the Gram sums lie "
+          "beyond fp16's range")
     for storage in STORAGE:
         stats[storage]["perplexity"] = perplexities(
             lm, test_sets, block_states=lambda index: states[storage][index],
@@ -123,13 +136,15 @@ def main():
         print(f"{storage}: {stats[storage]}")
     print(f"the run's last P row: {final_row}")
     gap = max(abs(stats["fp32"]["perplexity"][name] / value - 1) for name, value in final_row.items())
-    if gap > 1e-6:
-        raise SystemExit(f"the fp32 re-prune is not the run's last model (perplexity off by "
-                         f"{gap:.2e}): the comparison would mean nothing")
+    print(f"fp32 re-prune against the run's last row: {gap:.1e} relative")
+    if gap > 1e-2:
+        raise SystemExit("the fp32 re-prune is not the run's last model: the comparison would "
+                         "mean nothing (another state, or another model?)")
     record = {**environment(), "benchmark": "COPAL OBS second-order state stored in half precision",
               "run": str(args.run), "state": args.state, "label": run["label"],
               "model": config["model"], "windows": f"{config['num_test']}x{config['seq_len']} test",
-              "run_final_row": final_row, "storage": stats}
+              "run_final_row": final_row, "fp32_against_run": gap,
+              "threads": torch.get_num_threads(), "storage": stats}
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "hessian_storage.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -1,7 +1,7 @@
 """Compose docs/results.md from the results directories of scripts/run_results.sh.
 
     .venv/bin/python scripts/results_doc.py runs/reconstruction-standard \
-        runs/reconstruction-weighting runs/standard runs/standard-2of4 runs/standard-4of8 \
+        runs/reconstruction-fixes runs/reconstruction-recency runs/standard runs/standard-2of4 runs/standard-4of8 \
         runs/ablations-standard runs/results-50 runs/results-2of4 runs/results-4of8 runs/ablations \
         runs/sweep-sparsity runs/sweep-samples runs/sweep-samples-128 \
         --merge runs/sweep-samples runs/sweep-samples-128
@@ -31,14 +31,16 @@ INTRO = """# Results
 
 Every number here comes from `copal experiment --config configs/<name>.toml --out runs/<name>`
 (`scripts/run_results.sh` runs them all, each resumable), on the machine and versions given with
-each table; this page is composed by `python scripts/results_doc.py runs/standard
-runs/standard-2of4 runs/standard-4of8 runs/ablations-standard runs/results-* runs/ablations
-runs/sweep-*`. Model: SmolLM2-135M-Instruct (the real offline checkpoint of PROTOCOL.md, fp32 on
-the CPU, see docs/usage.md), sequence wiki -> kjv -> jargon, every Linear of the decoder blocks
-prunable.
+each table; this page is composed by `python scripts/results_doc.py` (its docstring has the
+command; a run's section is replaced when its directory is given, the others are kept, and
+each run's results.json is kept as docs/results/<name>.json). Model: SmolLM2-135M-Instruct (the
+real offline checkpoint of PROTOCOL.md, fp32 on the CPU, see docs/usage.md), sequence wiki ->
+kjv -> jargon, every Linear of the decoder blocks prunable.
 
-**Windows: the first four sections are PROTOCOL.md's standard protocol**, 32 calibration and 32
-test windows of 512 tokens per dataset: every method x protocol at 50% (runs/standard); at 2:4
+**Windows: the sections up to ablations-standard are PROTOCOL.md's standard protocol**, 32
+calibration and 32 test windows of 512 tokens per dataset: COPAL's OBS update
+(runs/reconstruction-standard, -fixes, -recency; docs/reconstruction.md); every method x
+protocol at 50% (runs/standard); at 2:4
 every method x protocol (runs/standard-2of4); at 4:8 all but COPAL `max` (runs/standard-4of8,
 where that row of its config has not run yet; it ran on the reduced windows); COPAL's default
 variant at all three patterns (runs/ablations-standard). A

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for config in results-50 results-2of4 results-4of8 ablations sweep-sparsity sweep-samples sweep-samples-128 \
-        standard standard-2of4 standard-4of8 ablations-standard; do
+        standard standard-2of4 standard-4of8 ablations-standard \
+        reconstruction-standard reconstruction-fixes reconstruction-order; do
     .venv/bin/copal experiment --config "configs/$config.toml" --out "runs/$config"
 done
