@@ -23,7 +23,7 @@ from .continual import (DenseWeights, RunSpec, copal_method, hessian_state, prun
                         state_metadata)
 from .data import check_window_counts, make_dataset, source_name
 from .evaluate import perplexities
-from .hessian import check_hessian_dir, hessian_dir
+from .hessian import check_hessian_dir, hessian_dir, step_dir
 from .methods import CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_pattern, make_method
 from .model import LayeredModel, check_execution, resolve_dtype
 from .outputs import (MARKER, OutputError, WorkDir, check_output_dir, check_output_file,
@@ -92,6 +92,23 @@ def _land_state(staged: Path, target: Path) -> None:
     if hessian_dir(staged).is_dir():
         replace_directory(hessian_dir(staged), hessian_dir(target))
     os.replace(staged, target)
+
+
+def _sweep(lm: LayeredModel, windows: torch.Tensor, pruner, pattern: Pattern,
+           options: Optional[CopalOptions], history: Dict[str, LayerHistory],
+           previous: Optional[Path], step: int, sweep_options: dict):
+    """The ``run_sweep`` of :func:`_write_pruned`: ``pruner`` over ``windows``, or for COPAL's
+    OBS update a method made with step ``step``'s second-order state (reading ``previous``,
+    writing the folder it is given), which it returns."""
+    def sweep(done, hessian_target):
+        hessians = (hessian_state(options, previous, hessian_target, step)
+                    if hessian_target else None)
+        method = pruner if hessians is None else make_method(
+            "copal", history=history, grad_norms=None, options=options, hessians=hessians)
+        prune_sweep(lm, windows, method, pattern, on_block_done=done, **sweep_options)
+        return hessians
+
+    return sweep
 
 
 def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool, run_sweep,
@@ -225,16 +242,9 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     log(f"pruning {model_dir} with {method} at {parsed}"
         + (f" on {data} ({len(calibration_windows)} windows of {windows['seq_len']} tokens)"
            if dataset is not None else ""))
-
-    def sweep(done, hessian_target):
-        hessians = hessian_state(options, None, hessian_target, 1) if hessian_target else None
-        method_now = pruner if hessians is None else make_method(
-            "copal", history=history, grad_norms=None, options=options, hessians=hessians)
-        prune_sweep(lm, calibration_windows, method_now, parsed, device=device,
-                    batch_size=batch_size, offload_activations=offload_activations,
-                    on_block_done=done)
-        return hessians
-
+    sweep = _sweep(lm, calibration_windows, pruner, parsed, options, history, None, 1,
+                   dict(device=device, batch_size=batch_size,
+                        offload_activations=offload_activations))
     out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance, state)
     if state_path is not None:
         log(f"COPAL state {state_path}")
@@ -330,17 +340,9 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                       dtype=meta["dtype"], batch_size=batch_size, device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       state=str(Path(state).resolve()), environment=environment())
-
-    def sweep(done, hessian_target):
-        hessians = (hessian_state(options, previous_hessians, hessian_target, step)
-                    if hessian_target else None)
-        method_now = pruner if hessians is None else make_method(
-            "copal", history=history, grad_norms=None, options=options, hessians=hessians)
-        prune_sweep(lm, dataset.calibration, method_now, pattern, device=device,
-                    batch_size=batch_size, offload_activations=offload_activations,
-                    on_block_done=done)
-        return hessians
-
+    sweep = _sweep(lm, dataset.calibration, pruner, pattern, options, history, previous_hessians,
+                   step, dict(device=device, batch_size=batch_size,
+                              offload_activations=offload_activations))
     out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance,
                         (state_path, history, meta, options.obs))
     log(f"COPAL state {state_path}\npruned checkpoint {out}")
@@ -469,7 +471,7 @@ class ContinualPruner:
         self.window_shape = tuple(windows.shape)
 
     def _hessian_dir(self, step: int) -> Path:
-        return Path(self._hessian_root.name) / f"hessian-{step:04d}"
+        return step_dir(self._hessian_root.name, step)
 
     def save_state(self, path, *, datasets: List[str], seed: Optional[int] = None,
                    overwrite: bool = False) -> Path:

@@ -22,7 +22,7 @@ from .atomic import write_atomically
 from .data import Dataset
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
-from .hessian import HessianState
+from .hessian import HessianState, step_dir
 from .methods import (METHODS, CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_pattern,
                       make_method)
 from .model import LayeredModel
@@ -223,7 +223,7 @@ class RunStore:
 
     def hessian_dir(self, step: int) -> Path:
         """COPAL's second-order state after ``step`` (copal.hessian)."""
-        return self.directory / f"hessian-{step:04d}"
+        return step_dir(self.directory, step)
 
     def commit(self, record: dict, history: Dict[str, LayerHistory]) -> None:
         """Step ``len(steps) + 1`` is finished: its blocks are saved already; save its history,
@@ -352,7 +352,7 @@ def _run_steps(lm, dense, datasets, spec, heldout, store, hessian_root, *, devic
         hessians = None
         if spec.options is not None and spec.options.obs:
             where = store.hessian_dir if store is not None else (
-                lambda t: Path(hessian_root.name) / f"hessian-{t:04d}")
+                lambda t: step_dir(hessian_root.name, t))
             hessians = hessian_state(spec.options, where(step) if step else None,
                                      where(step + 1), step + 1)
         prune_step(lm, dense, history, windows, pattern, spec, device=device,
@@ -360,7 +360,7 @@ def _run_steps(lm, dense, datasets, spec, heldout, store, hessian_root, *, devic
                    start_from=current, on_block_done=written.save if written else None,
                    hessians=hessians)
         if hessian_root is not None and step:
-            shutil.rmtree(Path(hessian_root.name) / f"hessian-{step:04d}")
+            shutil.rmtree(step_dir(hessian_root.name, step))
         ppl = perplexities(lm, test_sets, device=device, batch_size=batch_size,
                            block_states=written, offload_activations=offload_activations,
                            desc=f"{desc} evaluate")

@@ -51,10 +51,14 @@ def hessian_dir(state_path) -> Path:
     return state_path.with_name(state_path.name + ".hessian")
 
 
+def step_dir(root: Path, step: int) -> Path:
+    """The folder of step ``step``'s blocks in a run's working folder ``root``."""
+    return Path(root) / f"hessian-{step:04d}"
+
+
 def hessian_id(directory: Path) -> str:
     """The identifier of the step that wrote ``directory``'s blocks (from its first block)."""
-    with safe_open(str(block_file(directory, 0)), framework="pt") as handle:
-        return (handle.metadata() or {})["id"]
+    return _open_block(block_file(directory, 0))[0]["id"]
 
 
 class HessianState:
@@ -78,20 +82,8 @@ class HessianState:
 
     def _read(self, index: int, groups: Dict[str, List[str]], widths: Dict[str, int]):
         path = block_file(self.previous, index)
-        if not path.is_file():
-            raise HessianStateError(f"{path}: missing (the state's second-order block {index})")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except (SafetensorError, OSError) as error:
-            raise HessianStateError(f"{path}: unreadable ({error})") from None
-        if meta.get("format") != FORMAT:
-            raise HessianStateError(f"{path}: not a block of a COPAL second-order state")
-        if int(meta.get("steps", -1)) != self.step - 1 or meta.get("weighting") != self.weighting:
-            raise HessianStateError(
-                f"{path}: holds {meta.get('steps')} step(s) weighted by {meta.get('weighting')}; "
-                f"this is step {self.step}, weighted by {self.weighting}")
+        meta, tensors = _open_block(path, tensors=True)
+        _check_block(path, meta, self.step - 1, self.weighting)
         if json.loads(meta.get("inputs", "{}")) != groups:
             raise HessianStateError(f"{path}: its Linear inputs {meta.get('inputs')} are not "
                                     f"this model's block {index} ({json.dumps(groups)})")
@@ -127,6 +119,26 @@ class HessianState:
         return hessians
 
 
+def _open_block(path: Path, tensors: bool = False):
+    """(metadata, {name: tensor} if ``tensors`` else None) of one block file; a missing or
+    unreadable one raises HessianStateError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}), (
+                {name: handle.get_tensor(name) for name in handle.keys()} if tensors else None)
+    except (SafetensorError, OSError) as error:
+        raise HessianStateError(f"{path}: missing or unreadable ({error})") from None
+
+
+def _check_block(path: Path, meta: dict, steps: int, weighting: str) -> None:
+    if meta.get("format") != FORMAT:
+        raise HessianStateError(f"{path}: not a block of a COPAL second-order state")
+    if meta.get("steps") != str(steps) or meta.get("weighting") != weighting:
+        raise HessianStateError(
+            f"{path}: holds {meta.get('steps')} step(s) weighted by {meta.get('weighting')}; "
+            f"expected {steps} weighted by {weighting}")
+
+
 def check_hessian_dir(directory: Path, num_blocks: int, steps: int, weighting: str,
                       state_id: str) -> None:
     """Before any work: every block file of a state is there and says it holds ``steps`` steps
@@ -134,15 +146,8 @@ def check_hessian_dir(directory: Path, num_blocks: int, steps: int, weighting: s
     (HessianStateError naming the first file that does not)."""
     for index in range(num_blocks):
         path = block_file(directory, index)
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-        except (SafetensorError, OSError, FileNotFoundError) as error:
-            raise HessianStateError(f"{path}: missing or unreadable ({error})") from None
-        if meta.get("format") != FORMAT or meta.get("steps") != str(steps) \
-                or meta.get("weighting") != weighting:
-            raise HessianStateError(f"{path}: not block {index} of a {steps}-step second-order "
-                                    f"state weighted by {weighting}")
+        meta, _ = _open_block(path)
+        _check_block(path, meta, steps, weighting)
         if meta.get("id") != state_id:
             raise HessianStateError(f"{path}: written by another run than its state file's "
                                     f"(step {meta.get('id')}, the state's {state_id}); the state "

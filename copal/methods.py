@@ -17,6 +17,8 @@ from torch import nn
 
 import copal_kernels as ck
 
+from .hessian import WEIGHTINGS
+
 
 @dataclass(frozen=True)
 class Pattern:
@@ -303,10 +305,10 @@ GROUPS = ("row", "layer")
 
 
 WEIGHT_UPDATES = ("none", "obs")  # deploy W0 * M_t, or SparseGPT's OBS update of W0
-STEP_WEIGHTINGS = ("tokens", "datasets")  # how the OBS update weighs past steps' Hessians
+STEP_WEIGHTINGS = WEIGHTINGS  # how the OBS update weighs past steps' Hessians (copal.hessian)
 CALIBRATION_INPUTS = ("pruned", "dense")  # each block calibrated on the pruned or the dense model's inputs
-OBS_DEFAULTS = dict(step_weighting="tokens", dampening=0.01, block_size=128,
-                    calibration_inputs="pruned")  # SparseGPT's
+OBS_DEFAULTS = dict(step_weighting="tokens", dampening=SparseGPT.dampening,
+                    block_size=SparseGPT.block_size, calibration_inputs="pruned")  # SparseGPT's
 MASK_DEFAULTS = dict(aggregation=DEFAULT_AGGREGATION, gradient=DEFAULT_GRADIENT,
                      normalisation=DEFAULT_NORMALISATION, group="row")
 
@@ -347,10 +349,10 @@ class CopalOptions:
     group: str = "row"
     step_weights: Optional[Tuple[float, ...]] = None
     weight_update: str = "none"
-    step_weighting: str = "tokens"
-    dampening: float = 0.01
-    block_size: int = 128
-    calibration_inputs: str = "pruned"
+    step_weighting: str = OBS_DEFAULTS["step_weighting"]
+    dampening: float = OBS_DEFAULTS["dampening"]
+    block_size: int = OBS_DEFAULTS["block_size"]
+    calibration_inputs: str = OBS_DEFAULTS["calibration_inputs"]
 
     def __post_init__(self):
         for key, allowed in (("aggregation", ck.AGGREGATIONS), ("gradient", GRADIENTS),

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import write_atomically
-from .methods import LayerHistory
+from .methods import OBS_DEFAULTS, LayerHistory
 
 FORMAT = "copal-state/1"
 # what `copal continue` needs to redo a step the same way: the dense model (where it was, and
@@ -23,8 +23,7 @@ METADATA_KEYS = ("model", "model_fingerprint", "datasets", "pattern", "gradient"
                  "dampening", "block_size", "num_calibration", "seq_len", "seed", "dtype",
                  "batch_size", "hessian_id", "calibration_inputs")
 # keys that states written before the OBS update lack: they were all mask-only
-MASK_ONLY_DEFAULTS = {"weight_update": "none", "step_weighting": "tokens", "dampening": 0.01,
-                      "block_size": 128, "hessian_id": None, "calibration_inputs": "pruned"}
+MASK_ONLY_DEFAULTS = {"weight_update": "none", **OBS_DEFAULTS, "hessian_id": None}
 
 
 def _missing_keys(metadata: dict) -> list:
