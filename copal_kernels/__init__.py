@@ -17,7 +17,7 @@ def importance(weight, grad_norms=None, act_norms=None, *, aggregation="sum", st
     """The fused importance materialised, fp32 ``[out, in]`` (the torch reference; for analysis,
     the kernels never write it). Arguments as in :func:`nm_mask`."""
     grads, acts, lambdas, _ = check_importance_inputs(
-        weight, grad_norms, act_norms, aggregation, step_weights, check_finite=True
+        weight, grad_norms, act_norms, aggregation, step_weights
     )
     return naive.importance(weight, grads, acts, aggregation, lambdas)
 

@@ -3,6 +3,11 @@
 It performs exactly the floating-point operations of :func:`copal_kernels.naive.importance`, in
 the same order, so masks are bit-identical to the reference. Launchers pass
 ``enable_fp_fusion=False`` so that ``score + lambda * term`` is never contracted into an FMA.
+
+Kernels rank scores by their *keys*: the fp32 bits read as an int32. Scores are non-negative, so
+keys order as the scores do once -0.0 is folded into +0.0 and every NaN is given one key above
++Inf's: the order of a stable ``torch.sort``, which puts NaN last. So the counts are exact for
+every input, and a score that is not finite also raises a flag (``check_finite``).
 """
 
 import triton
@@ -49,6 +54,25 @@ def importance_tile(
         else:
             score = score + term
     return score
+
+
+NAN_KEY = 0x7FC00000  # the canonical quiet NaN: above +Inf (0x7F800000), below PADDING_KEY
+PADDING_KEY = 0x7FFFFFFF  # lanes outside the matrix: above every score's key
+
+
+@triton.jit
+def score_keys(score, ok):
+    """int32 keys of a tile of non-negative fp32 scores (see the module docstring); lanes
+    outside ``ok`` get PADDING_KEY."""
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0: equal scores, equal keys
+    keys = tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
+    return tl.where(ok, keys, 0x7FFFFFFF)
+
+
+@triton.jit
+def non_finite(keys):
+    """int32 tile: 1 where the score is +Inf or NaN (padding lanes are not)."""
+    return ((keys >= 0x7F800000) & (keys != 0x7FFFFFFF)).to(tl.int32)
 
 
 def importance_meta(grads, acts, lambdas, steps, aggregation, placeholder):

@@ -5,11 +5,19 @@ from typing import Optional, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+VECTOR_DTYPES = FLOAT_DTYPES + (torch.float64,)
 # how the steps' terms combine; the kernels take the index (0, 1, 2) as a constexpr
 AGGREGATIONS = ("sum", "max", "sumsq")
 
 
-def check_weight(weight: torch.Tensor, *, check_finite: bool, name: str = "weight") -> None:
+def check_data(tensor: torch.Tensor, name: str) -> None:
+    """A meta tensor has a shape but no values: nothing can be ranked or summed from it."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values): load its "
+                         "values first")
+
+
+def check_weight(weight: torch.Tensor, *, name: str = "weight") -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -18,8 +26,20 @@ def check_weight(weight: torch.Tensor, *, check_finite: bool, name: str = "weigh
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(weight.shape)}")
-    if check_finite and not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    check_data(weight, name)
+
+
+def non_finite_error(weight: torch.Tensor, where: str) -> ValueError:
+    """The error for an importance score that is NaN or Inf (found by a kernel's flag or by the
+    reference): non-finite weights, or finite inputs whose score overflows fp32."""
+    if not bool(torch.isfinite(weight).all()):
+        return ValueError(f"weight contains NaN or Inf{where}")
+    return ValueError(
+        f"the importance score overflows fp32 (|weight| up to {float(weight.abs().max()):.3g}; "
+        f"the product with the norms, squared for sumsq, exceeds {torch.finfo(torch.float32).max:.3g}"
+        f"){where}: scale the weight or the norms down, or pass check_finite=False to rank the "
+        "Inf and NaN scores as torch.sort does (NaN above Inf above every finite score)"
+    )
 
 
 def _as_steps(vectors: Optional[torch.Tensor], length: int, weight: torch.Tensor, name: str, axis: str):
@@ -37,8 +57,8 @@ def _as_steps(vectors: Optional[torch.Tensor], length: int, weight: torch.Tensor
         )
     if vectors.device != weight.device:
         raise ValueError(f"{name} is on {vectors.device} but weight is on {weight.device}")
-    if not vectors.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor, got {vectors.dtype}")
+    if vectors.dtype not in VECTOR_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {vectors.dtype}")
     vectors = vectors.to(torch.float32).contiguous()
     if not bool(torch.isfinite(vectors).all()):
         raise ValueError(f"{name} contains NaN or Inf")
@@ -53,10 +73,10 @@ def check_importance_inputs(
     act_norms: Optional[torch.Tensor],
     aggregation: str,
     step_weights: Optional[torch.Tensor],
-    check_finite: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], int]:
-    """Validate the importance inputs; return fp32 contiguous (G, A, lambda) and the step count T."""
-    check_weight(weight, check_finite=check_finite)
+    """Validate the importance inputs; return fp32 contiguous (G, A, lambda) and the step count T.
+    Finite vectors are required here; the scores' finiteness is checked where they are formed."""
+    check_weight(weight)
     out_features, in_features = weight.shape
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")

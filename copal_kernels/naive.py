@@ -3,7 +3,7 @@
 Inputs are assumed validated (see :mod:`copal_kernels._validate`): ``grad_norms`` fp32 [T, out],
 ``act_norms`` fp32 [T, in], ``step_weights`` fp32 [T] or None. Masks are bool with True = keep.
 The floating-point operations and their order here are the contract the Triton kernels match bit
-for bit.
+for bit; so is the order of a stable ``torch.sort``, ties and NaN (last) included.
 """
 
 from typing import Optional
@@ -62,6 +62,18 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(-1, order[..., : m - n], False)
     return keep.reshape(out_features, in_features)
+
+
+def non_finite_units(score: torch.Tensor, width: Optional[int]) -> Optional[torch.Tensor]:
+    """bool [out, in], True over every unit holding a NaN/Inf score (a group of ``width``
+    consecutive columns, or the whole row for None); None when every score is finite."""
+    bad = ~torch.isfinite(score)
+    if not bool(bad.any()):
+        return None
+    rows, cols = score.shape
+    width = width or cols
+    units = bad.reshape(rows, cols // width, width).any(dim=-1, keepdim=True)
+    return units.expand(rows, cols // width, width).reshape(rows, cols)
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, use_triton
-from ._validate import FLOAT_DTYPES
+from ._validate import FLOAT_DTYPES, check_data
 
 
 @triton.jit
@@ -67,6 +67,7 @@ def channel_sumsq_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"acc has {acc.shape[0]} channels but x has {x.shape[-1]}")
     if acc.device != x.device:
         raise ValueError(f"acc is on {acc.device} but x is on {x.device}")
+    check_data(x, "x")
     if x.numel() == 0:
         return acc
     if not use_triton(x):

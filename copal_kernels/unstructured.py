@@ -1,20 +1,22 @@
 """Fused importance + unstructured mask, without a sort.
 
-The fp32 score of a weight is non-negative, so its bit pattern read as an int32 (the *key*) orders
-like the score itself (-0.0 is folded into +0.0 first). Selecting the k-th smallest key is a radix
-select over 4-bit digits, most significant first: 8 passes, each counting the digits of the keys
-that still match the prefix chosen so far. A final pass prunes every key below the k-th and, among
-keys equal to it, the first ones in column order, which is what a stable ascending sort would do.
+Scores are ranked by their int32 keys (:mod:`copal_kernels._importance`), which order as a stable
+``torch.sort`` orders the scores. The k-th smallest key is selected bit by bit, most significant
+first, by counting; a final pass prunes every key below it and, among keys equal to it, the first
+ones in column order (row-major for a layer), which is what a stable ascending sort would do.
 
-* per row (Wanda's comparison group): one program owns ``BLOCK_R`` rows and runs all passes and
-  the final pass itself, streaming the rows in chunks of ``BLOCK_C`` columns (one launch);
-* per layer (one threshold for the whole matrix, the magnitude baseline): each pass is a launch
-  that writes per-row digit counts; torch sums them and picks the digit on the device (no host
-  sync); ties at the threshold are pruned in row-major order.
+* per row (Wanda's comparison group), one launch; a program owns ``BLOCK_R`` rows:
+  - rows of up to ``ON_CHIP_COLUMNS`` columns are read once and held on chip: 31 binary passes
+    (count the keys below a candidate) run over registers, then the row is written once;
+  - longer rows are streamed in chunks of ``BLOCK_C`` columns: a radix select over 4-bit digits,
+    8 passes that re-read the row (each counts the digits of the keys matching the prefix so far),
+    then a final pass.
+* per layer (one threshold for the whole matrix, the magnitude baseline): each radix pass is a
+  launch that writes per-row digit counts; torch sums them and picks the digit on the device; the
+  non-finite flag is read once before the final pass writes anything.
 """
 
-import warnings
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -22,13 +24,13 @@ import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, use_triton
-from ._importance import importance_meta, importance_tile
-from ._validate import check_importance_inputs, check_sparsity
+from ._importance import importance_meta, importance_tile, non_finite, score_keys
+from ._validate import check_importance_inputs, check_sparsity, non_finite_error
 
 RADIX_BITS = 4
 NUM_BINS = 1 << RADIX_BITS
 NUM_PASSES = 32 // RADIX_BITS
-PADDING_KEY = 0x7FFFFFFF  # above every finite non-negative fp32 key (+inf is 0x7F800000)
+ON_CHIP_COLUMNS = 32768  # rows up to this many columns are held on chip (LLaMA-65B's 22016)
 GROUPS = ("row", "layer")
 
 
@@ -47,9 +49,7 @@ def _score_keys(
         tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
         n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
     )
-    score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0: equal scores, equal keys
-    keys = tl.where(ok, score.to(tl.int32, bitcast=True), 0x7FFFFFFF)
-    return w, keys, ok
+    return w, score_keys(score, ok), ok
 
 
 @triton.jit
@@ -94,8 +94,10 @@ def _count_rows(
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
-    """One radix pass over whole rows: [BLOCK_R, NUM_BINS] digit counts at ``SHIFT``."""
+    """One radix pass over whole rows: ([BLOCK_R, NUM_BINS] digit counts at ``SHIFT``,
+    [BLOCK_R] int32 1 where the row holds a NaN/Inf score)."""
     counts = tl.zeros([BLOCK_R, NUM_BINS], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_R], dtype=tl.int32)
     for start in range(0, n_cols, BLOCK_C):
         cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
         _, keys, ok = _score_keys(
@@ -103,19 +105,41 @@ def _count_rows(
             n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         )
         counts += _digit_counts(keys, ok, prefix, SHIFT, NUM_BINS, RADIX_BITS, BLOCK_R, BLOCK_C)
-    return counts
+        if SHIFT + RADIX_BITS >= 32:  # the first pass sees every key
+            bad = tl.maximum(bad, tl.max(non_finite(keys), axis=1))
+    return counts, bad
+
+
+@triton.jit
+def _keep_tile(keys, ok, threshold, ties_to_prune, ties_seen, spared):
+    """Keep-mask of a [BLOCK_R, BLOCK_C] tile: prune the keys below ``threshold`` and the ties
+    ranked within the row's first ``ties_to_prune`` (``ties_seen`` counted in earlier tiles);
+    rows with ``spared`` > 0 keep everything. Returns (keep, the tile's ties per row)."""
+    tie = (keys == threshold[:, None]) & ok
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) + ties_seen[:, None]
+    keep = ~((keys < threshold[:, None]) | (tie & (tie_rank <= ties_to_prune[:, None])))
+    return keep | (spared[:, None] > 0), tl.sum(tie.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _store_tile(w_ptr, mask_ptr, w, keep, ok, rows, cols, n_cols, stride_wr, stride_wc,
+                WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr):
+    if WRITE_MASK:
+        tl.store(mask_ptr + rows * n_cols + cols, keep.to(tl.uint8), mask=ok)
+    if WRITE_WEIGHT:
+        tl.store(w_ptr + rows * stride_wr + cols * stride_wc, tl.where(keep, w, tl.zeros_like(w)),
+                 mask=ok)
 
 
 @triton.jit
 def _apply_rows(
-    w_ptr, mask_ptr, rows, row_ok, threshold, ties_to_prune, n_rows, n_cols, stride_wr,
+    w_ptr, mask_ptr, rows, row_ok, threshold, ties_to_prune, spared, n_rows, n_cols, stride_wr,
     stride_wc, grad_ptr, act_ptr, lam_ptr,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
 ):
-    """Prune, per row, the keys below ``threshold`` and the first ``ties_to_prune`` keys equal
-    to it in column order; write the mask and/or zero W."""
+    """Stream the rows once more and prune them (see :func:`_keep_tile`)."""
     ties_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
     for start in range(0, n_cols, BLOCK_C):
         cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
@@ -123,69 +147,97 @@ def _apply_rows(
             w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
             n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         )
-        tie = (keys == threshold[:, None]) & ok
-        tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) + ties_seen[:, None]
-        keep = ~((keys < threshold[:, None]) | (tie & (tie_rank <= ties_to_prune[:, None])))
-        if WRITE_MASK:
-            tl.store(mask_ptr + rows * n_cols + cols, keep.to(tl.uint8), mask=ok)
-        if WRITE_WEIGHT:
-            tl.store(w_ptr + rows * stride_wr + cols * stride_wc,
-                     tl.where(keep, w, tl.zeros_like(w)), mask=ok)
-        ties_seen += tl.sum(tie.to(tl.int32), axis=1)
+        keep, ties = _keep_tile(keys, ok, threshold, ties_to_prune, ties_seen, spared)
+        _store_tile(w_ptr, mask_ptr, w, keep, ok, rows, cols, n_cols, stride_wr, stride_wc,
+                    WRITE_MASK, WRITE_WEIGHT)
+        ties_seen += ties
 
 
 @triton.jit
 def _row_select_kernel(
-    w_ptr, mask_ptr, grad_ptr, act_ptr, lam_ptr,
+    w_ptr, mask_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc, num_pruned,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_PASSES: tl.constexpr,
-    NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
-    WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ON_CHIP: tl.constexpr,
+    NUM_PASSES: tl.constexpr, NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr, CHECK_FINITE: tl.constexpr,
 ):
-    """Per row: radix-select the num_pruned-th smallest key, then prune (one launch)."""
+    """Per row: select the num_pruned-th smallest key, then prune (one launch). A row holding a
+    NaN/Inf score raises the flag and, with CHECK_FINITE, is left as it is."""
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row_ok = rows < n_rows
-    prefix = tl.zeros([BLOCK_R], dtype=tl.int32)
-    remaining = tl.zeros([BLOCK_R], dtype=tl.int32) + num_pruned
-    for p in tl.static_range(NUM_PASSES):
-        counts = _count_rows(
-            w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
-            lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C,
-            32 - RADIX_BITS * (p + 1), NUM_BINS, RADIX_BITS,
+    no_ties_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
+    if ON_CHIP:  # the whole row in registers (BLOCK_C >= n_cols): read once, written once
+        cols = tl.arange(0, BLOCK_C)[None, :].to(tl.int64)
+        w, keys, ok = _score_keys(
+            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
+            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         )
-        prefix, remaining = _choose_digit(counts, prefix, remaining, NUM_BINS, RADIX_BITS)
-    # prefix is now the key of the num_pruned-th smallest score of each row
-    _apply_rows(
-        w_ptr, mask_ptr, rows, row_ok, prefix, remaining, n_rows, n_cols, stride_wr, stride_wc,
-        grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
-        BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
-    )
+        # the largest key T with fewer than num_pruned keys below it is the num_pruned-th
+        # smallest; built bit by bit (keys are non-negative: bit 31 is 0)
+        threshold = tl.zeros([BLOCK_R], dtype=tl.int32)
+        below = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for b in tl.static_range(31):
+            candidate = threshold | (1 << (30 - b))
+            count = tl.sum((keys < candidate[:, None]).to(tl.int32), axis=1)
+            accept = count < num_pruned
+            threshold = tl.where(accept, candidate, threshold)
+            below = tl.where(accept, count, below)
+        bad = tl.max(non_finite(keys), axis=1)
+        spared = bad if CHECK_FINITE else no_ties_seen
+        keep, _ = _keep_tile(keys, ok, threshold, num_pruned - below, no_ties_seen, spared)
+        _store_tile(w_ptr, mask_ptr, w, keep, ok, rows, cols, n_cols, stride_wr, stride_wc,
+                    WRITE_MASK, WRITE_WEIGHT)
+    else:
+        prefix = tl.zeros([BLOCK_R], dtype=tl.int32)
+        remaining = tl.zeros([BLOCK_R], dtype=tl.int32) + num_pruned
+        bad = no_ties_seen
+        for p in tl.static_range(NUM_PASSES):
+            counts, found = _count_rows(
+                w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr,
+                act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R,
+                BLOCK_C, 32 - RADIX_BITS * (p + 1), NUM_BINS, RADIX_BITS,
+            )
+            if p == 0:
+                bad = found
+            prefix, remaining = _choose_digit(counts, prefix, remaining, NUM_BINS, RADIX_BITS)
+        # prefix is now the key of the num_pruned-th smallest score of each row
+        _apply_rows(
+            w_ptr, mask_ptr, rows, row_ok, prefix, remaining,
+            bad if CHECK_FINITE else no_ties_seen, n_rows, n_cols, stride_wr, stride_wc,
+            grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+            BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
+        )
+    if CHECK_FINITE:
+        tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
 
 @triton.jit
 def _layer_count_kernel(
-    w_ptr, counts_ptr, prefix_ptr, grad_ptr, act_ptr, lam_ptr,
+    w_ptr, counts_ptr, prefix_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SHIFT: tl.constexpr,
-    NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
+    NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr, CHECK_FINITE: tl.constexpr,
 ):
-    """counts[out, NUM_BINS] int32: per row, digit counts of the keys matching *prefix_ptr."""
+    """counts[out, NUM_BINS] int32: per row, digit counts of the keys matching *prefix_ptr; the
+    first pass raises *flag_ptr for a NaN/Inf score."""
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row_ok = rows < n_rows
     prefix = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(prefix_ptr)
-    counts = _count_rows(
+    counts, bad = _count_rows(
         w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
         lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C, SHIFT,
         NUM_BINS, RADIX_BITS,
     )
     bins = tl.arange(0, NUM_BINS)[None, :]
     tl.store(counts_ptr + rows * NUM_BINS + bins, counts, mask=row_ok)
+    if CHECK_FINITE and SHIFT + RADIX_BITS >= 32:
+        tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
 
 @triton.jit
@@ -204,24 +256,33 @@ def _apply_kernel(
     threshold = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(threshold_ptr)
     ties_to_prune = tl.load(ties_ptr + row_idx, mask=row_idx < n_rows, other=0)
     _apply_rows(
-        w_ptr, mask_ptr, rows, rows < n_rows, threshold, ties_to_prune, n_rows, n_cols,
-        stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT,
-        HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
+        w_ptr, mask_ptr, rows, rows < n_rows, threshold, ties_to_prune,
+        tl.zeros([BLOCK_R], dtype=tl.int32), n_rows, n_cols, stride_wr, stride_wc, grad_ptr,
+        act_ptr, lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R,
+        BLOCK_C, WRITE_MASK, WRITE_WEIGHT,
     )
 
 
-def _tile(n_rows: int, n_cols: int, per_row_passes: bool):
-    """(BLOCK_R, BLOCK_C). On a GPU few rows a program keep a program's rows in L2 across the
-    passes; under the interpreter, whose cost is per program and per op, big tiles."""
-    block_c = min(triton.next_power_of_2(n_cols), 4096 if interpreting() else 1024)
-    elements = 65536 if interpreting() else (2048 if per_row_passes else 4096)
+def _tile(n_rows: int, n_cols: int, group: str):
+    """(BLOCK_R, BLOCK_C, ON_CHIP, num_warps). Per row, a row of up to ON_CHIP_COLUMNS is one
+    chunk held on chip, with more warps for longer rows; longer rows are streamed by few rows a
+    program, which keeps them in L2 across the passes. Under the interpreter, whose cost is per
+    program and per op, big tiles."""
+    on_chip = group == "row" and n_cols <= ON_CHIP_COLUMNS
+    if on_chip:
+        block_c = triton.next_power_of_2(n_cols)
+        elements = 65536 if interpreting() else 4096
+    else:
+        block_c = min(triton.next_power_of_2(n_cols), 4096 if interpreting() else 1024)
+        elements = 65536 if interpreting() else (2048 if group == "row" else 4096)
     block_r = max(1, min(triton.next_power_of_2(n_rows), elements // block_c))
-    return block_r, block_c
+    num_warps = min(16, max(4, block_r * block_c // 1024))
+    return block_r, block_c, on_chip, num_warps
 
 
-def _layer_threshold(weight, meta, num_pruned, block_r, block_c):
+def _layer_threshold(weight, meta, num_pruned, block_r, block_c, flag):
     """Radix select over the whole matrix. Returns (threshold key [1] int32, ties to prune per
-    row [out] int32), all on the device."""
+    row [out] int32), all on the device; ``flag`` (int32 [1], or None) is raised by a NaN/Inf."""
     n_rows, n_cols = weight.shape
     device = weight.device
     counts = torch.empty((n_rows, NUM_BINS), dtype=torch.int32, device=device)
@@ -230,10 +291,11 @@ def _layer_threshold(weight, meta, num_pruned, block_r, block_c):
     bins = torch.arange(NUM_BINS, device=device)
     for p in range(NUM_PASSES):
         _layer_count_kernel[(triton.cdiv(n_rows, block_r),)](
-            weight, counts, prefix, n_rows=n_rows, n_cols=n_cols,
-            stride_wr=weight.stride(0), stride_wc=weight.stride(1),
+            weight, counts, prefix, flag if flag is not None else prefix,
+            n_rows=n_rows, n_cols=n_cols, stride_wr=weight.stride(0), stride_wc=weight.stride(1),
             BLOCK_R=block_r, BLOCK_C=block_c, SHIFT=32 - RADIX_BITS * (p + 1),
-            NUM_BINS=NUM_BINS, RADIX_BITS=RADIX_BITS, enable_fp_fusion=False, **meta,
+            NUM_BINS=NUM_BINS, RADIX_BITS=RADIX_BITS, CHECK_FINITE=flag is not None,
+            enable_fp_fusion=False, **meta,
         )
         totals = counts.sum(dim=0, dtype=torch.int64)
         digit = (totals.cumsum(0) < remaining).sum(dim=0, keepdim=True)
@@ -247,80 +309,58 @@ def _layer_threshold(weight, meta, num_pruned, block_r, block_c):
     return prefix, ties_to_prune
 
 
-_TRUSTED: Dict[str, bool] = {}
-
-
-def self_check(device) -> bool:
-    """Run the kernels on ``device`` against the reference on a matrix like the one they once
-    failed on (9 x 4999: several column chunks, the last partial; ties; two steps), per row and
-    per layer. True when every mask is identical."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    weight = (torch.randn(9, 4999, generator=gen, device=device) * 2).round() / 2
-    grads = torch.rand(2, 9, generator=gen, device=device) + 0.05
-    acts = torch.rand(2, 4999, generator=gen, device=device) + 0.05
-    score = naive.importance(weight, grads, acts)
-    for group in GROUPS:
-        for sparsity in (0.5, 0.9):
-            reference = (naive.row_mask if group == "row" else naive.layer_mask)(score, sparsity)
-            keep = _unstructured(weight, grads, acts, sparsity, group, "sum", None, True, False,
-                                 False, skip_self_check=True)
-            if not torch.equal(keep, reference):
-                return False
-    return True
-
-
-def _trusted(device: torch.device) -> bool:
-    """Whether to use the kernels on this GPU: :func:`self_check` once per device and process;
-    on a mismatch, a warning and the torch reference from then on (same masks, slower)."""
-    key = str(device)
-    if key not in _TRUSTED:
-        _TRUSTED[key] = self_check(device)  # runs the kernels with skip_self_check
-        if not _TRUSTED[key]:
-            warnings.warn(f"copal_kernels: the unstructured kernels compiled for {device} "
-                          f"({torch.cuda.get_device_name(device)}, triton {triton.__version__}) "
-                          "gave masks that differ from the reference in a self-check; using the "
-                          "torch reference on this device (identical masks, slower)", RuntimeWarning)
-    return _TRUSTED[key]
-
-
 def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, step_weights,
-                  write_mask, write_weight, check_finite, skip_self_check=False):
+                  write_mask, write_weight, check_finite):
     grads, acts, lambdas, steps = check_importance_inputs(
-        weight, grad_norms, act_norms, aggregation, step_weights, check_finite
+        weight, grad_norms, act_norms, aggregation, step_weights
     )
     check_sparsity(sparsity)
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
-    kernels = use_triton(weight) and (skip_self_check or not weight.is_cuda
-                                      or _trusted(weight.device))
-    if not kernels:
+    left = ("; the rows holding them were left as they were"
+            if write_weight and group == "row" else "; nothing was written" if write_weight else "")
+    if not use_triton(weight):
         score = naive.importance(weight, grads, acts, aggregation, lambdas)
+        bad = naive.non_finite_units(score, None) if check_finite else None
+        if bad is not None and group == "layer":
+            raise non_finite_error(weight, left)
         keep = naive.row_mask(score, sparsity) if group == "row" else naive.layer_mask(score, sparsity)
+        if bad is not None:
+            keep |= bad
         if write_weight:
             weight.masked_fill_(~keep, 0)
+        if bad is not None:
+            raise non_finite_error(weight, left)
         return keep if write_mask else None
 
     n_rows, n_cols = weight.shape
     keep = torch.empty((n_rows, n_cols), dtype=torch.bool, device=weight.device) if write_mask else None
     mask_arg = keep.view(torch.uint8) if write_mask else weight
+    flag = torch.zeros(1, dtype=torch.int32, device=weight.device) if check_finite else None
     meta = importance_meta(grads, acts, lambdas, steps, aggregation, weight)
     strides = dict(stride_wr=weight.stride(0), stride_wc=weight.stride(1))
     outputs = dict(WRITE_MASK=write_mask, WRITE_WEIGHT=write_weight, enable_fp_fusion=False)
+    block_r, block_c, on_chip, num_warps = _tile(n_rows, n_cols, group)
+    grid = (triton.cdiv(n_rows, block_r),)
     if group == "row":
-        block_r, block_c = _tile(n_rows, n_cols, per_row_passes=True)
-        _row_select_kernel[(triton.cdiv(n_rows, block_r),)](
-            weight, mask_arg, n_rows=n_rows, n_cols=n_cols, num_pruned=int(n_cols * sparsity),
-            BLOCK_R=block_r, BLOCK_C=block_c, NUM_PASSES=NUM_PASSES, NUM_BINS=NUM_BINS,
-            RADIX_BITS=RADIX_BITS, **strides, **outputs, **meta,
+        _row_select_kernel[grid](
+            weight, mask_arg, flag if check_finite else weight, n_rows=n_rows, n_cols=n_cols,
+            num_pruned=int(n_cols * sparsity), BLOCK_R=block_r, BLOCK_C=block_c, ON_CHIP=on_chip,
+            NUM_PASSES=NUM_PASSES, NUM_BINS=NUM_BINS, RADIX_BITS=RADIX_BITS,
+            CHECK_FINITE=check_finite, num_warps=num_warps, **strides, **outputs, **meta,
         )
     else:
-        block_r, block_c = _tile(n_rows, n_cols, per_row_passes=False)
         threshold, ties = _layer_threshold(weight, meta, int(weight.numel() * sparsity),
-                                           block_r, block_c)
-        _apply_kernel[(triton.cdiv(n_rows, block_r),)](
+                                           block_r, block_c, flag)
+        if check_finite and flag.item():  # before anything is written
+            raise non_finite_error(weight, left)
+        _apply_kernel[grid](
             weight, mask_arg, threshold, ties, n_rows=n_rows, n_cols=n_cols,
-            BLOCK_R=block_r, BLOCK_C=block_c, **strides, **outputs, **meta,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, **strides, **outputs, **meta,
         )
+        return keep
+    if check_finite and flag.item():  # the call's one host synchronisation
+        raise non_finite_error(weight, left)
     return keep
 
 
@@ -340,7 +380,8 @@ def unstructured_mask(
     Args:
         weight: ``W[out, in]``, fp32/fp16/bf16, any strides.
         grad_norms, act_norms, aggregation, step_weights, check_finite: as in
-            :func:`copal_kernels.nm_mask`.
+            :func:`copal_kernels.nm_mask` (per layer, the flag is read before anything is
+            written).
         sparsity: fraction pruned, in ``[0, 1)``.
         group: ``"row"`` prunes exactly ``int(in * sparsity)`` weights of every row (Wanda's
             comparison group); ``"layer"`` prunes exactly ``int(out * in * sparsity)`` weights of
@@ -369,7 +410,9 @@ def unstructured_prune_(
     """Like :func:`unstructured_mask`, but zeroes the pruned weights of ``weight`` **in place**.
 
     Returns the bool keep-mask ``[out, in]`` if ``return_mask`` else None. The inputs are fully
-    validated before anything is written.
+    validated before anything is written. With ``check_finite``, a NaN/Inf score raises
+    ``ValueError``: per layer before anything is written; per row after every row without one
+    was pruned, the rows holding one left as they were.
     """
     return _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation,
                          step_weights, return_mask, True, check_finite)

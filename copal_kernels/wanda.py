@@ -17,8 +17,22 @@ from typing import Optional
 
 import torch
 
+from ._validate import VECTOR_DTYPES, check_data, check_weight
 from .nm import nm_mask
 from .unstructured import unstructured_mask
+
+
+def _check_wanda_pattern(prune_n, prune_m) -> None:
+    """Wanda's N:M arguments, checked in Wanda's words (``prune_n`` pruned of ``prune_m``)."""
+    for value, label in ((prune_n, "prune_n"), (prune_m, "prune_m")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{label} must be an int, got {value!r}")
+    if prune_n == 0:
+        return
+    if not 2 <= prune_m <= 32 or not 1 <= prune_n < prune_m:
+        raise ValueError(f"prune_n={prune_n}, prune_m={prune_m}: Wanda's N:M prunes prune_n of "
+                         "every prune_m consecutive weights and needs 1 <= prune_n < prune_m <= 32 "
+                         "(2:4 is prune_n=2, prune_m=4), or prune_n=0 for unstructured")
 
 
 def wanda_mask(
@@ -29,6 +43,7 @@ def wanda_mask(
     sparsity_ratio: float = 0.0,
     prune_n: int = 0,
     prune_m: int = 0,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """The ``W_mask`` that Wanda's loop builds: bool ``[out, in]``, **True = pruned** (Wanda's
     convention, the opposite of the other functions here).
@@ -43,26 +58,45 @@ def wanda_mask(
     ``prune_n == 0`` selects the unstructured per-row path with ``sparsity_ratio``. Ties are
     pruned lower column first: identical to Wanda's stable sort; its ``topk`` loop leaves ties
     to the implementation, so on exact ties the N:M masks may differ from it (never the counts).
-    Nothing is mutated.
+    ``check_finite``: as in :func:`copal_kernels.nm_mask` (a NaN/Inf metric, or a product that
+    overflows fp32, raises ``ValueError``; with ``False`` it is ranked as ``torch.sort`` ranks
+    it). Nothing is mutated. Errors (``TypeError``/``ValueError``, before any work) use Wanda's
+    argument names and convention.
     """
     if (W_metric is None) == (weight is None):
         raise ValueError("give exactly one of W_metric or weight (with scaler_row)")
+    _check_wanda_pattern(prune_n, prune_m)
     if W_metric is not None:
         if scaler_row is not None:
             raise ValueError("scaler_row goes with weight, not with W_metric")
-        if isinstance(W_metric, torch.Tensor) and W_metric.is_floating_point() and bool(
-            (W_metric < 0).any()
-        ):
+        check_weight(W_metric, name="W_metric")
+        if bool((W_metric < 0).any()):
             raise ValueError("W_metric must be non-negative (Wanda's |W| * sqrt(scaler_row))")
         weight, act_norms = W_metric, None
     else:
-        if scaler_row is None:
-            raise ValueError("weight needs scaler_row (Wanda's per-input-channel statistic)")
-        if not isinstance(scaler_row, torch.Tensor) or scaler_row.dim() != 1:
-            raise ValueError("scaler_row must be a 1-D tensor [in]")
+        check_weight(weight)
+        if not isinstance(scaler_row, torch.Tensor):
+            raise ValueError("weight needs scaler_row (Wanda's per-input-channel statistic), "
+                             f"a 1-D tensor [in]; got {type(scaler_row).__name__}")
+        if scaler_row.dim() != 1:
+            raise ValueError(f"scaler_row must be a 1-D tensor [in], got shape {tuple(scaler_row.shape)}")
+        check_data(scaler_row, "scaler_row")
+        if scaler_row.dtype not in VECTOR_DTYPES:
+            raise TypeError(f"scaler_row must be float32, float64, float16 or bfloat16, got "
+                            f"{scaler_row.dtype}")
         if bool((scaler_row < 0).any()) or not bool(torch.isfinite(scaler_row).all()):
             raise ValueError("scaler_row must be finite and non-negative")
         act_norms = torch.sqrt(scaler_row.to(torch.float32))
-    if prune_n != 0:
-        return ~nm_mask(weight, None, act_norms, n=prune_m - prune_n, m=prune_m)
-    return ~unstructured_mask(weight, None, act_norms, sparsity=sparsity_ratio, group="row")
+    if prune_n != 0 and weight.shape[1] % prune_m:
+        raise ValueError(f"prune_n={prune_n}, prune_m={prune_m} needs the in-features divisible by "
+                         f"prune_m, got {weight.shape[1]}")
+    try:
+        if prune_n != 0:
+            return ~nm_mask(weight, None, act_norms, n=prune_m - prune_n, m=prune_m,
+                            check_finite=check_finite)
+        return ~unstructured_mask(weight, None, act_norms, sparsity=sparsity_ratio, group="row",
+                                  check_finite=check_finite)
+    except ValueError as error:
+        if W_metric is not None and str(error).startswith("weight "):  # the caller's name
+            raise ValueError("W_metric" + str(error)[len("weight"):]) from None
+        raise
