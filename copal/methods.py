@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import copal_kernels as ck
+from copal_kernels.obs import MAX_BLOCK_COLUMNS
 
 from .hessian import WEIGHTINGS
 
@@ -180,6 +181,9 @@ class Wanda(Method):
 def check_obs_pattern(pattern: Pattern, block_size: int) -> None:
     """SparseGPT's N:M groups are taken every M columns of each OBS block, so the block size
     must be a multiple of M (ValueError, before any work)."""
+    if not 1 <= block_size <= MAX_BLOCK_COLUMNS:
+        raise ValueError(f"the OBS block size must be from 1 to {MAX_BLOCK_COLUMNS} columns (held "
+                         f"on chip by copal_kernels.obs_block_), got {block_size}")
     if pattern.kind == "nm" and block_size % pattern.m:
         raise ValueError(f"the OBS block size {block_size} is not a multiple of M={pattern.m}: "
                          f"{pattern}'s groups of {pattern.m} columns would straddle OBS blocks")
@@ -216,30 +220,12 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
             warnings.warn(f"{layer}: the Cholesky factorisation failed with dampening "
                           f"{dampening:g}; retrying with {dampening * 10:g}")
             dampening *= 10
-    for start in range(0, columns, block_size):
-        end = min(start + block_size, columns)
-        W1 = W[:, start:end].clone()
-        Hinv1 = Hinv[start:end, start:end]
-        diag = torch.diag(Hinv1)
-        errors = torch.zeros_like(W1)
-        if pattern.kind == "unstructured":
-            score = W1 ** 2 / diag[None, :] ** 2
-            pruned = ~ck.unstructured_mask(score, sparsity=pattern.sparsity, group="layer")
-        else:
-            pruned = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(end - start):
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                score = W1[:, group] ** 2 / diag[None, group] ** 2
-                pruned[:, group] = ~ck.nm_mask(score, n=pattern.n, m=pattern.m)
-            w = W1[:, i]
-            q = torch.where(pruned[:, i], torch.zeros_like(w), w)
-            error = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= error[:, None] * Hinv1[i, i:][None, :]
-            W1[:, i] = q
-            errors[:, i] = error
-        W[:, start:end] = W1
-        W[:, end:] -= errors @ Hinv[start:end, end:]
+    # the block loop, each block's column loop one fused kernel (copal_kernels.sparsegpt)
+    if pattern.kind == "unstructured":
+        ck.sparsegpt_prune_(W, Hinv, sparsity=pattern.sparsity, blocksize=block_size, rule="exact")
+    else:
+        ck.sparsegpt_prune_(W, Hinv, prune_n=pattern.m - pattern.n, prune_m=pattern.m,
+                            blocksize=block_size)
     return W.to(weight.dtype)
 
 
@@ -378,8 +364,9 @@ class CopalOptions:
                              f"{self.dampening!r}")
         object.__setattr__(self, "dampening", float(self.dampening))
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
-                or self.block_size < 1:
-            raise ValueError(f"COPAL block_size must be a positive integer, got {self.block_size!r}")
+                or not 1 <= self.block_size <= MAX_BLOCK_COLUMNS:
+            raise ValueError(f"COPAL block_size must be an integer from 1 to {MAX_BLOCK_COLUMNS} "
+                             f"(the OBS block is held on chip), got {self.block_size!r}")
         unused = OBS_DEFAULTS if self.weight_update == "none" else MASK_DEFAULTS
         changed = [key for key, default in unused.items() if getattr(self, key) != default]
         if changed:

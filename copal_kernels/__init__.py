@@ -8,6 +8,8 @@ bit-identical masks. Masks are bool with True = keep, except :func:`wanda_mask` 
 from . import naive
 from ._validate import AGGREGATIONS, check_importance_inputs
 from .nm import nm_mask, nm_prune_
+from .obs import OBSBlock, obs_block_
+from .sparsegpt import sparsegpt_block, sparsegpt_block_mask, sparsegpt_prune_
 from .stats import channel_sumsq_
 from .unstructured import unstructured_mask, unstructured_prune_
 from .wanda import wanda_mask
@@ -29,6 +31,11 @@ __all__ = [
     "naive",
     "nm_mask",
     "nm_prune_",
+    "sparsegpt_block",
+    "sparsegpt_block_mask",
+    "sparsegpt_prune_",
+    "OBSBlock",
+    "obs_block_",
     "unstructured_mask",
     "unstructured_prune_",
     "wanda_mask",

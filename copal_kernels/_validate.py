@@ -112,6 +112,18 @@ def check_nm(in_features: int, n: int, m: int) -> None:
         )
 
 
+def check_pruned_of(prune_n, prune_m, source: str) -> None:
+    """N:M in the convention of Wanda, SparseGPT and llm-compressor (``prune_n`` weights
+    **pruned** of every ``prune_m``; 0 = unstructured), with errors in their words."""
+    for value, label in ((prune_n, "prune_n"), (prune_m, "prune_m")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{label} must be an int, got {value!r}")
+    if prune_n != 0 and not 1 <= prune_n < prune_m <= 32:
+        raise ValueError(f"prune_n={prune_n}, prune_m={prune_m}: {source}'s N:M prunes prune_n of "
+                         "every prune_m consecutive weights and needs 1 <= prune_n < prune_m <= 32 "
+                         "(2:4 is prune_n=2, prune_m=4), or prune_n=0 for unstructured")
+
+
 def check_sparsity(sparsity: float) -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"sparsity must be a number, got {sparsity!r}")

@@ -118,3 +118,99 @@ def wanda_loop_mask(weight, scaler_row, sparsity_ratio, prune_n, prune_m):
         order = torch.sort(metric, dim=-1, stable=True)[1]
         pruned.scatter_(1, order[:, : int(metric.shape[1] * sparsity_ratio)], True)
     return pruned
+
+
+def obs_block_(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    pruned: Optional[torch.Tensor],
+    n: int = 0,
+    m: int = 0,
+):
+    """SparseGPT's sequential OBS loop over one block of columns (Frantar & Alistarh 2023,
+    Algorithm 1), the reference of :func:`copal_kernels.obs_block_`.
+
+    ``W1`` fp32 [rows, B] is **mutated** into the pruned, updated block; ``Hinv1`` fp32 [B, B]
+    is the block of the upper Cholesky factor of ``H^-1``. ``pruned`` (bool [rows, B], True =
+    pruned, or None) is the mask; with ``n`` > 0, each N:M group (``n`` kept of ``m``) is chosen
+    from the updated block at the group's first column: the lowest ``w^2 / [H^-1]_jj^2``, ties to
+    the lower column, entries already in ``pruned`` scored 0 and kept pruned (llm-compressor's
+    preserved mask). Returns (errors fp32 [rows, B], ``(w - q) / d`` of each column for the
+    trailing update; losses fp32 [rows, B], ``(w - q)^2 / d^2``; the mask used, bool [rows, B])."""
+    width = W1.shape[1]
+    diag = torch.diag(Hinv1)
+    errors = torch.zeros_like(W1)
+    losses = torch.zeros_like(W1)
+    pruned = torch.zeros_like(W1, dtype=torch.bool) if pruned is None else pruned.clone()
+    for i in range(width):
+        if n and i % m == 0:
+            group = slice(i, i + m)
+            score = W1[:, group] * W1[:, group] / (diag[None, group] * diag[None, group])
+            score = torch.where(pruned[:, group], torch.zeros_like(score), score)
+            pruned[:, group] |= ~nm_mask(score, n, m)
+        w = W1[:, i].clone()
+        d = Hinv1[i, i]
+        q = torch.where(pruned[:, i], torch.zeros_like(w), w)
+        losses[:, i] = (w - q) * (w - q) / (d * d)
+        error = (w - q) / d
+        W1[:, i:] -= error[:, None] * Hinv1[i, i:][None, :]
+        W1[:, i] = q
+        errors[:, i] = error
+    return errors, losses, pruned
+
+
+def sparsegpt_loop_prune_(W, Hinv, sparsity, prune_n, prune_m, blocksize, mask=None,
+                          block_local_mask=True):
+    """The block loop of SparseGPT's ``fasterprune`` as llm-compressor's ``sparsify_weight``
+    writes it (which, without ``mask``, is SparseGPT's own), from ``Hinv`` on, without
+    quantisation: the baseline that :func:`copal_kernels.sparsegpt_prune_` replaces (tests and
+    benchmarks). **Mutates** ``W`` fp32 [rows, cols]; ``prune_n`` pruned of every ``prune_m``;
+    ``mask`` (True = pruned) is the preserved mask. Returns the per-row losses.
+
+    ``block_local_mask``: llm-compressor's N:M path scores a group against
+    ``mask[:, i:(i + prune_m)]`` with ``i`` the column *within the block*, so from the second
+    block on it reads the first block's mask; False reads the group's own columns."""
+    losses = torch.zeros(W.shape[0], device=W.device)
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prune_n == 0:
+            if mask is not None:
+                mask1 = mask[:, i1:i2]
+                if int(W1.numel() * sparsity) > mask1.sum():
+                    tmp = (~mask[:, i1:i2]) * W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+                    thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+                    mask1 = tmp <= thresh
+            else:
+                tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+                thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+                mask1 = tmp <= thresh
+        else:
+            mask1 = mask[:, i1:i2].clone() if mask is not None else torch.zeros_like(W1) == 1
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prune_n != 0 and i % prune_m == 0:
+                tmp = W1[:, i:(i + prune_m)] ** 2 / (torch.diag(Hinv1)[i:(i + prune_m)].reshape((1, -1))) ** 2
+                if mask is not None:
+                    j = i if block_local_mask else i1 + i
+                    tmp = tmp * (~mask[:, j:(j + prune_m)])
+                mask1.scatter_(1, i + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d ** 2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        losses += torch.sum(Losses1, 1) / 2
+        if mask is not None:
+            W[:, i2:] -= (~mask[:, i2:]) * Err1.matmul(Hinv[i1:i2, i2:])
+        else:
+            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return losses

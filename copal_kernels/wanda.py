@@ -17,22 +17,9 @@ from typing import Optional
 
 import torch
 
-from ._validate import VECTOR_DTYPES, check_data, check_weight
+from ._validate import VECTOR_DTYPES, check_data, check_pruned_of, check_weight
 from .nm import nm_mask
 from .unstructured import unstructured_mask
-
-
-def _check_wanda_pattern(prune_n, prune_m) -> None:
-    """Wanda's N:M arguments, checked in Wanda's words (``prune_n`` pruned of ``prune_m``)."""
-    for value, label in ((prune_n, "prune_n"), (prune_m, "prune_m")):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{label} must be an int, got {value!r}")
-    if prune_n == 0:
-        return
-    if not 2 <= prune_m <= 32 or not 1 <= prune_n < prune_m:
-        raise ValueError(f"prune_n={prune_n}, prune_m={prune_m}: Wanda's N:M prunes prune_n of "
-                         "every prune_m consecutive weights and needs 1 <= prune_n < prune_m <= 32 "
-                         "(2:4 is prune_n=2, prune_m=4), or prune_n=0 for unstructured")
 
 
 def wanda_mask(
@@ -65,7 +52,7 @@ def wanda_mask(
     """
     if (W_metric is None) == (weight is None):
         raise ValueError("give exactly one of W_metric or weight (with scaler_row)")
-    _check_wanda_pattern(prune_n, prune_m)
+    check_pruned_of(prune_n, prune_m, "Wanda")
     if W_metric is not None:
         if scaler_row is not None:
             raise ValueError("scaler_row goes with weight, not with W_metric")
