@@ -148,6 +148,23 @@ def test_gpu_sweep_benchmark_smoke_run_on_cpu(tmp_path):
     assert {"load", "forward", "kernels", "propagate", "offload"} <= set(record["run"]["sweep_phases"])
 
 
+def test_gpu_kernels_benchmark_smoke_run_on_cpu(tmp_path):
+    """The kernel benchmark's code path end to end under the interpreter (one tiny shape; every
+    target row and the SparseGPT loop, masks checked); its numbers mean nothing here."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_kernels", "--device", "cpu", "--shapes", "tiny",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"},
+        cwd=str(Path(__file__).resolve().parents[2]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (written,) = tmp_path.glob("gpu_kernels-*.json")
+    record = json.loads(written.read_text())
+    targets = [row for row in record["results"] if row["target"] != "-"]
+    assert len(targets) == 10 and all(row["met"] in ("yes", "NO") for row in targets)
+    assert [row["same_mask"] for row in record["sparsegpt"]] == [True, True]
+    assert "SparseGPT's block loop per layer" in result.stdout
+
+
 def test_batch_size_auto_and_checks():
     lm = synthetic_model("tiny", dtype=torch.float32)
     assert resolve_batch_size("auto", lm, 64, "cpu") == 1
