@@ -3,6 +3,15 @@
 One program owns a tile of ``BLOCK_R`` rows x ``BLOCK_G`` groups of M columns, forms the importance
 in registers (no score matrix is written), ranks every weight inside its group with a stable
 ascending order and writes the mask and/or zeroes the pruned weights in place.
+
+Two ways to rank, one result:
+* M = 4 and M = 8 (2:4, 4:8, every N): the tile is loaded as ``[BLOCK_R, BLOCK_G * M]`` contiguous
+  columns, and ``tl.reshape`` + ``tl.split`` take it apart into M tiles ``[BLOCK_R, BLOCK_G]``, one
+  per position in the group, so each thread holds whole groups: a weight's rank is M - 1
+  elementwise comparisons with its group's other members (12 for 2:4, 56 for 4:8), and the keep
+  tiles are joined back for one contiguous store;
+* any other M up to 32: a ``[BLOCK_R, BLOCK_G, next_pow2(M)]`` tile in which each member is taken
+  out by a reduction over the group, M times.
 """
 
 from typing import Optional
@@ -44,6 +53,132 @@ def _nm_kernel(
     WRITE_WEIGHT: tl.constexpr,
     CHECK_FINITE: tl.constexpr,
 ):
+    if M == 4 or M == 8:
+        _nm_split_tile(
+            w_ptr, mask_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr, n_rows, n_cols, stride_wr,
+            stride_wc, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, N, M, BLOCK_R,
+            BLOCK_G, WRITE_MASK, WRITE_WEIGHT, CHECK_FINITE,
+        )
+    else:
+        _nm_reduce_tile(
+            w_ptr, mask_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr, n_rows, n_cols, n_groups,
+            stride_wr, stride_wc, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, N, M,
+            M_POW2, BLOCK_R, BLOCK_G, WRITE_MASK, WRITE_WEIGHT, CHECK_FINITE,
+        )
+
+
+@triton.jit
+def _before(key_other, key_self, OTHER_IS_LOWER: tl.constexpr):
+    """1 where a stable ascending sort puts the other member first (ties: the lower column)."""
+    if OTHER_IS_LOWER:
+        return (key_other <= key_self).to(tl.int32)
+    return (key_other < key_self).to(tl.int32)
+
+
+@triton.jit
+def _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, I: tl.constexpr, N: tl.constexpr,
+               M: tl.constexpr):
+    """Keep-mask of group member I (keys k0..k{M-1}): its rank among them is at least M - N."""
+    keys = (k0, k1, k2, k3, k4, k5, k6, k7)
+    rank = tl.zeros(k0.shape, dtype=tl.int32)
+    for j in tl.static_range(M):
+        if j != I:
+            rank += _before(keys[j], keys[I], j < I)
+    return rank >= M - N
+
+
+@triton.jit
+def _split_group(x, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, M: tl.constexpr):
+    """``[BLOCK_R, BLOCK_G * M]`` -> the M members' ``[BLOCK_R, BLOCK_G]`` tiles (M = 4 or 8;
+    for M = 4 the last four are copies of the first and never used)."""
+    if M == 4:
+        x = tl.reshape(x, [BLOCK_R, BLOCK_G, 2, 2])  # [.., p, q]: column 4g + 2p + q
+        even, odd = tl.split(x)  # q = 0: members 0, 2; q = 1: members 1, 3
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3, x0, x1, x2, x3
+    x = tl.reshape(x, [BLOCK_R, BLOCK_G, 2, 2, 2])  # [.., a, b, c]: column 8g + 4a + 2b + c
+    c0, c1 = tl.split(x)  # members 4a + 2b and 4a + 2b + 1
+    b00, b01 = tl.split(c0)  # members 4a, 4a + 2
+    b10, b11 = tl.split(c1)  # members 4a + 1, 4a + 3
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _join_group(x0, x1, x2, x3, x4, x5, x6, x7, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+                M: tl.constexpr):
+    """The inverse of :func:`_split_group`: ``[BLOCK_R, BLOCK_G * M]``."""
+    if M == 4:
+        x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    else:
+        c0 = tl.join(tl.join(x0, x4), tl.join(x2, x6))
+        c1 = tl.join(tl.join(x1, x5), tl.join(x3, x7))
+        x = tl.join(c0, c1)
+    return tl.reshape(x, [BLOCK_R, BLOCK_G * M])
+
+
+@triton.jit
+def _nm_split_tile(
+    w_ptr, mask_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr, n_rows, n_cols, stride_wr, stride_wc,
+    NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, WRITE_MASK: tl.constexpr,
+    WRITE_WEIGHT: tl.constexpr, CHECK_FINITE: tl.constexpr,
+):
+    """M = 4 or 8: the group's members as separate tiles (see the module docstring)."""
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_g = tl.program_id(1).to(tl.int64)
+    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    cols = (pid_g * BLOCK_G * M + tl.arange(0, BLOCK_G * M))[None, :]
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok & col_ok
+    w_ptrs = w_ptr + rows * stride_wr + cols * stride_wc
+    w = tl.load(w_ptrs, mask=ok, other=0.0)
+    score = importance_tile(
+        tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
+        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+    )
+    keys = score_keys(score, ok)
+    k0, k1, k2, k3, k4, k5, k6, k7 = _split_group(keys, BLOCK_R, BLOCK_G, M)
+    keep0 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 0, N, M)
+    keep1 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 1, N, M)
+    keep2 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 2, N, M)
+    keep3 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 3, N, M)
+    if M == 8:
+        keep4 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 4, N, M)
+        keep5 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 5, N, M)
+        keep6 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 6, N, M)
+        keep7 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 7, N, M)
+    else:
+        keep4, keep5, keep6, keep7 = keep0, keep1, keep2, keep3
+    keep = _join_group(keep0, keep1, keep2, keep3, keep4, keep5, keep6, keep7, BLOCK_R, BLOCK_G,
+                       M)
+    if CHECK_FINITE:  # a group holding a NaN/Inf score is left as it is, and the flag is raised
+        bad = tl.reshape(non_finite(keys), [BLOCK_R, BLOCK_G, M])
+        group_bad = tl.max(bad, axis=2)
+        keep = keep | tl.reshape(tl.broadcast_to(group_bad[:, :, None] > 0, [BLOCK_R, BLOCK_G, M]),
+                                 [BLOCK_R, BLOCK_G * M])
+        tl.atomic_max(flag_ptr, tl.max(tl.max(group_bad, axis=1), axis=0))
+    if WRITE_MASK:
+        tl.store(mask_ptr + rows * n_cols + cols, keep.to(tl.uint8), mask=ok)
+    if WRITE_WEIGHT:
+        tl.store(w_ptrs, tl.where(keep, w, tl.zeros_like(w)), mask=ok)
+
+
+@triton.jit
+def _nm_reduce_tile(
+    w_ptr, mask_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr, n_rows, n_cols, n_groups, stride_wr,
+    stride_wc, NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
+    M_POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    WRITE_MASK: tl.constexpr, WRITE_WEIGHT: tl.constexpr, CHECK_FINITE: tl.constexpr,
+):
+    """Any M: a ``[BLOCK_R, BLOCK_G, M_POW2]`` tile, members taken out by reductions."""
     pid_r = tl.program_id(0).to(tl.int64)
     pid_g = tl.program_id(1).to(tl.int64)
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]

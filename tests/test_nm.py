@@ -8,7 +8,7 @@ from copal_kernels import naive
 
 from .helpers import DEVICE, DTYPES, dtype_id, make_norms, make_weight
 
-PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 5), (5, 16), (7, 32)]
+PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4), (7, 8), (3, 5), (5, 16), (7, 32)]
 # rows not a multiple of any block; in an odd multiple of M
 SHAPES = [(1, 3), (37, 5), (70, 33)]
 
