@@ -56,6 +56,24 @@ def importance_tile(
     return score
 
 
+@triton.jit
+def load_keys(
+    w_ptr, rows, cols, row_ok, col_ok, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr, n_rows,
+    n_cols, NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
+):
+    """Load the tile of W at (rows, cols) (any broadcastable index tiles); return (w, the keys
+    of its scores, the in-bounds mask, the tile's pointers)."""
+    ok = row_ok & col_ok
+    w_ptrs = w_ptr + rows * stride_wr + cols * stride_wc
+    w = tl.load(w_ptrs, mask=ok, other=0.0)
+    score = importance_tile(
+        tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
+        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+    )
+    return w, score_keys(score, ok), ok, w_ptrs
+
+
 NAN_KEY = 0x7FC00000  # the canonical quiet NaN: above +Inf (0x7F800000), below PADDING_KEY
 PADDING_KEY = 0x7FFFFFFF  # lanes outside the matrix: above every score's key
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, use_triton
-from ._importance import importance_meta, importance_tile, non_finite, score_keys
+from ._importance import importance_meta, load_keys, non_finite
 from ._validate import check_importance_inputs, check_nm, non_finite_error
 
 
@@ -134,16 +134,10 @@ def _nm_split_tile(
     pid_g = tl.program_id(1).to(tl.int64)
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     cols = (pid_g * BLOCK_G * M + tl.arange(0, BLOCK_G * M))[None, :]
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    ok = row_ok & col_ok
-    w_ptrs = w_ptr + rows * stride_wr + cols * stride_wc
-    w = tl.load(w_ptrs, mask=ok, other=0.0)
-    score = importance_tile(
-        tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
-        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+    w, keys, ok, w_ptrs = load_keys(
+        w_ptr, rows, cols, rows < n_rows, cols < n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
+        lam_ptr, n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
     )
-    keys = score_keys(score, ok)
     k0, k1, k2, k3, k4, k5, k6, k7 = _split_group(keys, BLOCK_R, BLOCK_G, M)
     keep0 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 0, N, M)
     keep1 = _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, 1, N, M)
@@ -185,17 +179,12 @@ def _nm_reduce_tile(
     groups = (pid_g * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None]
     lanes = tl.arange(0, M_POW2)[None, None, :]
     cols = groups * M + lanes
-    row_ok = rows < n_rows
-    col_ok = (lanes < M) & (groups < n_groups)
-    ok = row_ok & col_ok
-
-    w_ptrs = w_ptr + rows * stride_wr + cols * stride_wc
-    w = tl.load(w_ptrs, mask=ok, other=0.0)
-    score = importance_tile(
-        tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
-        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+    # padding lanes (lanes >= M) get the padding key: they never rank below a weight
+    w, keys, ok, w_ptrs = load_keys(
+        w_ptr, rows, cols, rows < n_rows, (lanes < M) & (groups < n_groups), stride_wr,
+        stride_wc, grad_ptr, act_ptr, lam_ptr, n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT,
+        HAS_LAMBDA, AGGREGATION,
     )
-    keys = score_keys(score, ok)  # padding lanes never rank below a weight
 
     # rank = how many group members a stable ascending sort puts before this weight
     rank = tl.zeros([BLOCK_R, BLOCK_G, M_POW2], dtype=tl.int32)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, use_triton
-from ._importance import importance_meta, importance_tile, non_finite, score_keys
+from ._importance import importance_meta, load_keys, non_finite
 from ._validate import check_importance_inputs, check_sparsity, non_finite_error
 
 RADIX_BITS = 4
@@ -41,15 +41,11 @@ def _score_keys(
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
 ):
     """Load a [BLOCK_R, BLOCK_C] tile of W; return (w, int32 keys of its scores, in-bounds mask)."""
-    col_ok = cols < n_cols
-    ok = row_ok & col_ok
-    w_ptrs = w_ptr + rows * stride_wr + cols * stride_wc
-    w = tl.load(w_ptrs, mask=ok, other=0.0)
-    score = importance_tile(
-        tl.abs(w.to(tl.float32)), rows, cols, row_ok, col_ok, grad_ptr, act_ptr, lam_ptr,
-        n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+    w, keys, ok, _ = load_keys(
+        w_ptr, rows, cols, row_ok, cols < n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
+        lam_ptr, n_rows, n_cols, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
     )
-    return w, score_keys(score, ok), ok
+    return w, keys, ok
 
 
 @triton.jit

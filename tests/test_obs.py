@@ -38,7 +38,7 @@ def _run_both(W1, Hinv1, **kw):
 
 
 @pytest.mark.parametrize("kind", ["random", "ties"])
-@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "unstructured"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "2:4+kept-mask", "unstructured"])
 @pytest.mark.parametrize("rows,start,end", [(37, 0, 128), (5, 128, 168), (1, 0, 8)],
                          ids=["full-block", "partial-last-block", "one-row"])
 def test_obs_block_matches_reference_bit_for_bit(pattern, kind, rows, start, end):
@@ -50,8 +50,13 @@ def test_obs_block_matches_reference_bit_for_bit(pattern, kind, rows, start, end
         score = W1 * W1 / (diag * diag)[None, :]
         kw = {"pruned": ~ck.unstructured_mask(score, sparsity=0.5, group="layer")}
     else:
-        n, m = map(int, pattern.split(":"))
+        n, m = map(int, pattern.split("+")[0].split(":"))
         kw = {"n": n, "m": m}
+        if pattern.endswith("kept-mask"):  # llm-compressor's preserved mask: at most 1 of 4
+            gen = torch.Generator().manual_seed(rows)
+            kept = torch.rand(rows, (end - start) // 4, 1, generator=gen) < 0.3
+            kw["pruned"] = torch.cat([kept, torch.zeros(rows, (end - start) // 4, 3, dtype=torch.bool)],
+                                     dim=2).reshape(rows, end - start).to(DEVICE)
     reference, expected, got = _run_both(W1, Hinv1, **kw)
     assert torch.equal(got.pruned, expected.pruned)
     assert torch.equal(W1, reference)
@@ -60,6 +65,8 @@ def test_obs_block_matches_reference_bit_for_bit(pattern, kind, rows, start, end
     if pattern != "unstructured":
         n, m = kw["n"], kw["m"]
         assert bool((kept.reshape(rows, -1, m).sum(-1) == n).all())
+    if "pruned" in kw:
+        assert bool(got.pruned[kw["pruned"]].all()), "the given mask stays pruned"
     assert bool((W1[got.pruned] == 0).all())
 
 
@@ -75,57 +82,10 @@ def test_obs_block_updates_a_strided_view_in_place():
     assert torch.equal(W[:, :16], untouched[:, :16]) and torch.equal(W[:, 80:], untouched[:, 80:])
 
 
-def sparsegpt_loop(W1, Hinv1, prunen, prunem, mask1=None):
-    """The inner loop of SparseGPT's ``fasterprune`` (IST-DASLab/sparsegpt, sparsegpt.py),
-    transcribed for one block without quantisation. Returns (Q1, Err1, Losses1, mask1)."""
-    W1 = W1.clone()
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
-    Losses1 = torch.zeros_like(W1)
-    if mask1 is None:
-        mask1 = torch.zeros_like(W1) == 1
-    else:
-        mask1 = mask1.clone()
-    for i in range(W1.shape[1]):
-        w = W1[:, i]
-        d = Hinv1[i, i]
-        if prunen != 0 and i % prunem == 0:
-            tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
-            mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-        q = w.clone()
-        q[mask1[:, i]] = 0
-        Q1[:, i] = q
-        Losses1[:, i] = (w - q) ** 2 / d ** 2
-        err1 = (w - q) / d
-        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-        Err1[:, i] = err1
-    return Q1, Err1, Losses1, mask1
-
-
-@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
-def test_obs_block_against_sparsegpts_own_loop(pattern):
-    """On inputs without exact ties SparseGPT's topk and the stable rule choose the same masks;
-    the weights agree to rounding (its outer product is a matmul, its squares are pow)."""
-    Hinv1 = hessian_inverse_factor(128, seed=9)
-    W1 = block_weights(48, 128, seed=10)
-    if pattern == "unstructured":
-        tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-        mask1 = tmp <= torch.sort(tmp.flatten())[0][int(tmp.numel() * 0.5)]
-        Q1, Err1, Losses1, mask = sparsegpt_loop(W1, Hinv1, 0, 0, mask1)
-        got = ck.obs_block_(W1, Hinv1, pruned=mask1)
-    else:
-        n, m = map(int, pattern.split(":"))
-        Q1, Err1, Losses1, mask = sparsegpt_loop(W1, Hinv1, m - n, m)
-        got = ck.obs_block_(W1, Hinv1, n=n, m=m)
-    assert torch.equal(got.pruned, mask)
-    for ours, theirs in ((W1, Q1), (got.errors, Err1), (got.losses, Losses1)):
-        assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
-
-
 def test_obs_block_bad_arguments():
     Hinv1 = hessian_inverse_factor(8, seed=1)
     W1 = block_weights(4, 8, seed=2)
-    with pytest.raises(ValueError, match="either pruned .* or n and m"):
+    with pytest.raises(ValueError, match="give pruned .* or n and m"):
         ck.obs_block_(W1, Hinv1)
     with pytest.raises(TypeError, match="W1 must be float32"):
         ck.obs_block_(W1.half(), Hinv1, n=2, m=4)
