@@ -17,8 +17,11 @@ def importance(
     act_norms: Optional[torch.Tensor] = None,
     aggregation: str = "sum",
     step_weights: Optional[torch.Tensor] = None,
+    *,
+    at: Optional[tuple] = None,
 ) -> torch.Tensor:
-    """Materialised importance, fp32 [out, in].
+    """Materialised importance, fp32 [out, in]; or, with ``at = (rows, cols)`` (int64 [k]),
+    ``weight`` holds the entries ``W[rows, cols]`` [k] and their scores [k] are returned.
 
     ``score = |W|`` when there are no steps (T = 0); otherwise, over steps t,
     ``term_t = lambda_t * ((|W| * A[t, j]) * G[t, i])`` combined by ``sum`` (in step order),
@@ -35,9 +38,9 @@ def importance(
     for t in range(steps):
         term = magnitude
         if act_norms is not None:
-            term = term * act_norms[t][None, :]
+            term = term * (act_norms[t][None, :] if at is None else act_norms[t][at[1]])
         if grad_norms is not None:
-            term = term * grad_norms[t][:, None]
+            term = term * (grad_norms[t][:, None] if at is None else grad_norms[t][at[0]])
         if step_weights is not None:
             term = step_weights[t] * term
         if aggregation == "sumsq":
@@ -49,6 +52,15 @@ def importance(
         else:
             score = score + term
     return score
+
+
+def score_keys(score: torch.Tensor) -> torch.Tensor:
+    """int32 keys of non-negative fp32 scores, ordered as a stable ``torch.sort`` orders the
+    scores: -0.0 folded into +0.0, every NaN one key above +Inf's (see
+    :mod:`copal_kernels._importance`)."""
+    score = torch.where(score == 0, torch.zeros_like(score), score)
+    keys = score.contiguous().view(torch.int32)
+    return torch.where(torch.isnan(score), torch.full_like(keys, 0x7FC00000), keys)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

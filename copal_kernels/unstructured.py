@@ -16,6 +16,7 @@ ones in column order (row-major for a layer), which is what a stable ascending s
   non-finite flag is read once before the final pass writes anything.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -237,6 +238,46 @@ def _layer_count_kernel(
 
 
 @triton.jit
+def _bracket_kernel(
+    w_ptr, below_ptr, cand_keys_ptr, cand_rows_ptr, counter_ptr, flag_ptr, grad_ptr, act_ptr,
+    lam_ptr, lo, hi, capacity, n_rows, n_cols, stride_wr, stride_wc,
+    NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_FINITE: tl.constexpr,
+):
+    """One pass: per row, the keys below ``lo`` (below_ptr[out]); every key in [lo, hi]
+    appended, with its row, to the candidates (up to ``capacity``; the counter counts them
+    all); the flag raised by a NaN/Inf score."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    row_ok = rows < n_rows
+    below = tl.zeros([BLOCK_R], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
+        _, keys, ok = _score_keys(
+            w_ptr, rows, cols, row_ok, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr, lam_ptr,
+            n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
+        )
+        below += tl.sum((keys < lo).to(tl.int32), axis=1)
+        bad = tl.maximum(bad, tl.max(non_finite(keys), axis=1))
+        inside = ((keys >= lo) & (keys <= hi) & ok).to(tl.int32)
+        flat = tl.reshape(inside, [BLOCK_R * BLOCK_C])
+        count = tl.sum(flat, axis=0)
+        if count > 0:
+            base = tl.atomic_add(counter_ptr, count)
+            slot = base + tl.cumsum(flat, axis=0) - 1
+            keep = (flat > 0) & (slot < capacity)
+            tl.store(cand_keys_ptr + slot, tl.reshape(keys, [BLOCK_R * BLOCK_C]), mask=keep)
+            row_tile = tl.broadcast_to(rows, [BLOCK_R, BLOCK_C]).to(tl.int32)
+            tl.store(cand_rows_ptr + slot, tl.reshape(row_tile, [BLOCK_R * BLOCK_C]), mask=keep)
+    row_idx = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(below_ptr + row_idx, below, mask=row_idx < n_rows)
+    if CHECK_FINITE:
+        tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
+
+
+@triton.jit
 def _apply_kernel(
     w_ptr, mask_ptr, threshold_ptr, ties_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc,
@@ -299,10 +340,81 @@ def _layer_threshold(weight, meta, num_pruned, block_r, block_c, flag):
         prefix = (prefix << RADIX_BITS) | digit.to(torch.int32)
     # keys equal to the threshold, per row, are the last pass's counts of the chosen digit
     ties_per_row = counts.gather(1, digit.expand(n_rows, 1)).squeeze(1).to(torch.int64)
+    return prefix, _share_ties(ties_per_row, remaining)
+
+
+def _share_ties(ties_per_row, remaining):
+    """The ties at the threshold to prune, per row (int32 [out]): ``remaining`` of them, shared
+    out in row-major order."""
     ties_before_row = ties_per_row.cumsum(0) - ties_per_row
     ties_to_prune = (remaining - ties_before_row).clamp(min=0)
-    ties_to_prune = torch.minimum(ties_to_prune, ties_per_row).to(torch.int32)
-    return prefix, ties_to_prune
+    return torch.minimum(ties_to_prune, ties_per_row).to(torch.int32)
+
+
+SAMPLE_SIZE = 1 << 18  # scores sampled to bracket the layer's threshold
+BRACKET_SIGMAS = 6.0  # the bracket's half-width in standard errors of the sampled quantile
+
+
+def _bracket(weight, grads, acts, lambdas, aggregation, num_pruned):
+    """(lo, hi, capacity): keys that hold the num_pruned-th smallest score with near
+    certainty, from a fixed-seed sample of the scores (the torch reference's formula), and room
+    for the candidates between them (twice the sample's share, at least 4096)."""
+    n_rows, n_cols = weight.shape
+    numel = weight.numel()
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    size = min(numel, SAMPLE_SIZE)
+    index = torch.randint(numel, (size,), generator=gen, device=weight.device)
+    rows, cols = index // n_cols, index % n_cols
+    sample = naive.importance(weight[rows, cols], grads, acts, aggregation, lambdas,
+                              at=(rows, cols))
+    keys = torch.sort(naive.score_keys(sample)).values
+    quantile = num_pruned / numel
+    half_width = BRACKET_SIGMAS * math.sqrt(quantile * (1 - quantile) / size) + 2 / size
+    lo_index = min(size - 1, max(0, math.floor((quantile - half_width) * size)))
+    hi_index = min(size - 1, max(0, math.ceil((quantile + half_width) * size)))
+    bounds = keys[[lo_index, hi_index]].tolist()
+    share = (hi_index - lo_index + 1) / size
+    return bounds[0], bounds[1], min(numel, int(2 * share * numel) + 4096)
+
+
+def _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta, num_pruned,
+                               block_r, block_c, flag):
+    """The layer's threshold from one pass over W: the keys below a sampled bracket counted
+    per row, the keys inside it gathered and ranked by torch. Returns (threshold key [1] int32,
+    ties to prune per row [out] int32), or None when the bracket missed the threshold or its
+    candidates overflowed (the radix select then runs). Raises the finite check's ValueError
+    (``flag`` given and raised) before anything is written."""
+    n_rows, n_cols = weight.shape
+    device = weight.device
+    lo, hi, capacity = _bracket(weight, grads, acts, lambdas, aggregation, num_pruned)
+    below = torch.empty(n_rows, dtype=torch.int32, device=device)
+    cand_keys = torch.empty(capacity, dtype=torch.int32, device=device)
+    cand_rows = torch.empty(capacity, dtype=torch.int32, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    _bracket_kernel[(triton.cdiv(n_rows, block_r),)](
+        weight, below, cand_keys, cand_rows, counter, flag if flag is not None else counter,
+        lo=lo, hi=hi, capacity=capacity, n_rows=n_rows, n_cols=n_cols,
+        stride_wr=weight.stride(0), stride_wc=weight.stride(1), BLOCK_R=block_r, BLOCK_C=block_c,
+        CHECK_FINITE=flag is not None, enable_fp_fusion=False, **meta,
+    )
+    bad, found, below_total = torch.stack([
+        flag[0].long() if flag is not None else torch.zeros((), dtype=torch.int64, device=device),
+        counter[0].long(), below.sum(dtype=torch.int64)]).tolist()  # the one host sync
+    if bad:
+        raise non_finite_error(weight, "; nothing was written")
+    if num_pruned == 0:  # keys below 0: none
+        return (torch.zeros(1, dtype=torch.int32, device=device),
+                torch.zeros(n_rows, dtype=torch.int32, device=device))
+    rank = num_pruned - below_total  # the threshold's rank among the candidates
+    if found > capacity or not 1 <= rank <= found:
+        return None
+    keys, key_rows = cand_keys[:found], cand_rows[:found].long()
+    threshold = torch.kthvalue(keys, rank).values.reshape(1)
+    below_per_row = below.long().scatter_add_(0, key_rows, (keys < threshold).long())
+    ties_per_row = torch.zeros(n_rows, dtype=torch.int64, device=device).scatter_add_(
+        0, key_rows, (keys == threshold).long())
+    remaining = num_pruned - below_per_row.sum()
+    return threshold, _share_ties(ties_per_row, remaining)
 
 
 def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, step_weights,
@@ -346,10 +458,14 @@ def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, s
             CHECK_FINITE=check_finite, num_warps=num_warps, **strides, **outputs, **meta,
         )
     else:
-        threshold, ties = _layer_threshold(weight, meta, int(weight.numel() * sparsity),
-                                           block_r, block_c, flag)
-        if check_finite and flag.item():  # before anything is written
-            raise non_finite_error(weight, left)
+        num_pruned = int(weight.numel() * sparsity)
+        selected = _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta,
+                                              num_pruned, block_r, block_c, flag)
+        if selected is None:  # the bracket missed: the radix select, 8 more passes
+            selected = _layer_threshold(weight, meta, num_pruned, block_r, block_c, flag)
+            if check_finite and flag.item():  # before anything is written
+                raise non_finite_error(weight, left)
+        threshold, ties = selected
         _apply_kernel[grid](
             weight, mask_arg, threshold, ties, n_rows=n_rows, n_cols=n_cols,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, **strides, **outputs, **meta,

@@ -35,13 +35,16 @@ def row_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("group,streamed", [("row", False), ("row", True), ("layer", True)],
-                         ids=["row-on_chip", "row-streamed", "layer"])
+@pytest.mark.parametrize("group,path", [("row", "on_chip"), ("row", "streamed"),
+                                        ("layer", "bracket"), ("layer", "radix")],
+                         ids=["row-on_chip", "row-streamed", "layer-bracket", "layer-radix"])
 @pytest.mark.parametrize("kind", ["random", "ties", "flat"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_unstructured_mask_matches_reference(dtype, kind, group, streamed, monkeypatch):
-    if streamed:
+def test_unstructured_mask_matches_reference(dtype, kind, group, path, monkeypatch):
+    if path == "streamed":
         monkeypatch.setattr(unstructured, "ON_CHIP_COLUMNS", 0)
+    if path == "radix":  # the bracket always misses: the radix select's 8 passes
+        monkeypatch.setattr(unstructured, "_layer_threshold_bracketed", lambda *args: None)
     for i, (rows, cols) in enumerate(SHAPES):
         weight = make_weight(rows, cols, dtype, kind, seed=i)
         grads, acts = make_norms(2, rows, 100 + i, kind), make_norms(2, cols, 200 + i, kind)
@@ -106,3 +109,21 @@ def test_unstructured_deterministic():
     for group in ("row", "layer"):
         masks = [ck.unstructured_mask(weight, sparsity=0.5, group=group) for _ in range(3)]
         assert all(torch.equal(masks[0], mask) for mask in masks[1:])
+
+
+def test_layer_bracket_falls_back_when_it_misses_or_overflows(monkeypatch):
+    """A sampled bracket that misses the threshold, or holds more candidates than it has room
+    for, is detected and the radix select runs: the same exact mask."""
+    weight = make_weight(37, 100, torch.float32, "ties", seed=3)
+    expected = naive.layer_mask(weight.abs().float(), 0.5)
+    bracket = unstructured._bracket
+    for fake in (lambda *a: (0, 0, 4096),  # below every key: misses
+                 lambda *a: bracket(*a)[:2] + (1,)):  # room for one candidate: overflows
+        calls = []
+        monkeypatch.setattr(unstructured, "_bracket", fake)
+        monkeypatch.setattr(unstructured, "_layer_threshold",
+                            lambda *a, f=unstructured._layer_threshold: calls.append(1) or f(*a))
+        keep = ck.unstructured_mask(weight, sparsity=0.5, group="layer")
+        assert torch.equal(keep, expected) and calls == [1]
+        monkeypatch.undo()
+
