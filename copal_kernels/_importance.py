@@ -50,7 +50,7 @@ def importance_tile(
         if t == 0:
             score = term
         elif AGGREGATION == 1:  # max
-            score = tl.maximum(score, term)
+            score = tl.maximum(score, term, propagate_nan=tl.PropagateNan.ALL)  # as torch
         else:
             score = score + term
     return score

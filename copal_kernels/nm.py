@@ -71,8 +71,10 @@ def _nm_kernel(
 def _before(key_other, key_self, OTHER_IS_LOWER: tl.constexpr):
     """1 where a stable ascending sort puts the other member first (ties: the lower column)."""
     if OTHER_IS_LOWER:
-        return (key_other <= key_self).to(tl.int32)
-    return (key_other < key_self).to(tl.int32)
+        before = key_other <= key_self
+    else:
+        before = key_other < key_self
+    return before.to(tl.int32)
 
 
 @triton.jit
@@ -91,20 +93,22 @@ def _keep_lane(k0, k1, k2, k3, k4, k5, k6, k7, I: tl.constexpr, N: tl.constexpr,
 def _split_group(x, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, M: tl.constexpr):
     """``[BLOCK_R, BLOCK_G * M]`` -> the M members' ``[BLOCK_R, BLOCK_G]`` tiles (M = 4 or 8;
     for M = 4 the last four are copies of the first and never used)."""
+    # one return at the end: Triton 3.6 still compiles what follows an early return
     if M == 4:
         x = tl.reshape(x, [BLOCK_R, BLOCK_G, 2, 2])  # [.., p, q]: column 4g + 2p + q
         even, odd = tl.split(x)  # q = 0: members 0, 2; q = 1: members 1, 3
         x0, x2 = tl.split(even)
         x1, x3 = tl.split(odd)
-        return x0, x1, x2, x3, x0, x1, x2, x3
-    x = tl.reshape(x, [BLOCK_R, BLOCK_G, 2, 2, 2])  # [.., a, b, c]: column 8g + 4a + 2b + c
-    c0, c1 = tl.split(x)  # members 4a + 2b and 4a + 2b + 1
-    b00, b01 = tl.split(c0)  # members 4a, 4a + 2
-    b10, b11 = tl.split(c1)  # members 4a + 1, 4a + 3
-    x0, x4 = tl.split(b00)
-    x2, x6 = tl.split(b01)
-    x1, x5 = tl.split(b10)
-    x3, x7 = tl.split(b11)
+        x4, x5, x6, x7 = x0, x1, x2, x3
+    else:
+        x = tl.reshape(x, [BLOCK_R, BLOCK_G, 2, 2, 2])  # [.., a, b, c]: column 8g + 4a + 2b + c
+        c0, c1 = tl.split(x)  # members 4a + 2b and 4a + 2b + 1
+        b00, b01 = tl.split(c0)  # members 4a, 4a + 2
+        b10, b11 = tl.split(c1)  # members 4a + 1, 4a + 3
+        x0, x4 = tl.split(b00)
+        x2, x6 = tl.split(b01)
+        x1, x5 = tl.split(b10)
+        x3, x7 = tl.split(b11)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 

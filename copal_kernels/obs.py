@@ -72,7 +72,9 @@ def _obs_block_kernel(
                     rank += before.to(tl.int32)
                 pruned = tl.where(in_group, tl.maximum((rank < M - N).to(tl.int32), pruned),
                                   pruned)
-        w = tl.sum(tl.where(at_i, W, 0.0), axis=1)
+        # column i, exactly (the sign of a zero too): a sum of bit patterns, one of them not 0
+        w = tl.sum(tl.where(at_i, W.to(tl.int32, bitcast=True), 0), axis=1).to(
+            tl.float32, bitcast=True)
         p = tl.max(tl.where(at_i, pruned, 0), axis=1) > 0
         d = tl.load(hinv_ptr + i * stride_hr + i * stride_hc)
         q = tl.where(p, 0.0, w)

@@ -34,3 +34,9 @@ def make_norms(steps: int, length: int, seed: int, kind: str = "random") -> torc
 def relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
     reference, output = reference.double(), output.double()
     return float((reference - output).norm() / reference.norm().clamp_min(1e-30))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (fp32): unlike torch.equal, tells -0.0 from +0.0 and NaN payloads."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32),
+                                              b.contiguous().view(torch.int32))

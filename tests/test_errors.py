@@ -109,6 +109,19 @@ def test_scores_that_overflow_are_refused_on_both_paths(path, aggregation):
             call(aggregation=aggregation)
 
 
+def test_max_keeps_a_nan_term_as_torch_maximum_does(path):
+    """With aggregation="max", a step whose term is NaN (Inf x 0) makes the score NaN on both
+    paths (torch.maximum propagates NaN; the kernels' maximum is told to): refused."""
+    weight = torch.tensor([[4e30, 1.0, 2.0, 3.0]], device=DEVICE)
+    grads = torch.tensor([[1.0], [0.0]], device=DEVICE)
+    acts = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1e10, 1.0, 1.0, 1.0]], device=DEVICE)
+    with pytest.raises(ValueError, match="overflows fp32"):
+        ck.nm_mask(weight, grads, acts, n=2, m=4, aggregation="max")
+    keep = ck.nm_mask(weight, grads, acts, n=2, m=4, aggregation="max", check_finite=False)
+    score = naive.importance(weight, grads, acts, "max")
+    assert bool(torch.isnan(score[0, 0])) and torch.equal(keep, naive.nm_mask(score, 2, 4))
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.75])
 def test_non_finite_scores_ranked_as_torch_sort_without_the_check(sparsity):
     """check_finite=False: Inf and NaN scores ranked as a stable torch.sort ranks them (NaN
