@@ -239,19 +239,24 @@ def _layer_count_kernel(
 
 @triton.jit
 def _bracket_kernel(
-    w_ptr, below_ptr, cand_keys_ptr, cand_rows_ptr, counter_ptr, flag_ptr, grad_ptr, act_ptr,
-    lam_ptr, lo, hi, capacity, n_rows, n_cols, stride_wr, stride_wc,
+    w_ptr, counts_ptr, bounds_ptr, cand_keys_ptr, cand_rows_ptr, counter_ptr, flag_ptr, grad_ptr,
+    act_ptr, lam_ptr, capacity, n_rows, n_cols, stride_wr, stride_wc,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_FINITE: tl.constexpr,
 ):
-    """One pass: per row, the keys below ``lo`` (below_ptr[out]); every key in [lo, hi]
-    appended, with its row, to the candidates (up to ``capacity``; the counter counts them
-    all); the flag raised by a NaN/Inf score."""
+    """One pass against the bracket ``lo, hi = bounds``: per row, the keys below ``lo``, equal
+    to ``lo`` and equal to ``hi`` (counts[3, out]); every key strictly between them appended,
+    with its row, to the candidates (up to ``capacity``; the counter counts them all); the flag
+    raised by a NaN/Inf score."""
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row_ok = rows < n_rows
+    lo = tl.load(bounds_ptr)
+    hi = tl.load(bounds_ptr + 1)
     below = tl.zeros([BLOCK_R], dtype=tl.int32)
+    at_lo = tl.zeros([BLOCK_R], dtype=tl.int32)
+    at_hi = tl.zeros([BLOCK_R], dtype=tl.int32)
     bad = tl.zeros([BLOCK_R], dtype=tl.int32)
     for start in range(0, n_cols, BLOCK_C):
         cols = (start + tl.arange(0, BLOCK_C))[None, :].to(tl.int64)
@@ -260,8 +265,10 @@ def _bracket_kernel(
             n_rows, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION,
         )
         below += tl.sum((keys < lo).to(tl.int32), axis=1)
+        at_lo += tl.sum((keys == lo).to(tl.int32), axis=1)
+        at_hi += tl.sum((keys == hi).to(tl.int32), axis=1)
         bad = tl.maximum(bad, tl.max(non_finite(keys), axis=1))
-        inside = ((keys >= lo) & (keys <= hi) & ok).to(tl.int32)
+        inside = ((keys > lo) & (keys < hi) & ok).to(tl.int32)
         flat = tl.reshape(inside, [BLOCK_R * BLOCK_C])
         count = tl.sum(flat, axis=0)
         if count > 0:
@@ -272,7 +279,10 @@ def _bracket_kernel(
             row_tile = tl.broadcast_to(rows, [BLOCK_R, BLOCK_C]).to(tl.int32)
             tl.store(cand_rows_ptr + slot, tl.reshape(row_tile, [BLOCK_R * BLOCK_C]), mask=keep)
     row_idx = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(below_ptr + row_idx, below, mask=row_idx < n_rows)
+    row_in = row_idx < n_rows
+    tl.store(counts_ptr + row_idx, below, mask=row_in)
+    tl.store(counts_ptr + n_rows + row_idx, at_lo, mask=row_in)
+    tl.store(counts_ptr + 2 * n_rows + row_idx, at_hi, mask=row_in)
     if CHECK_FINITE:
         tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
@@ -356,9 +366,10 @@ BRACKET_SIGMAS = 6.0  # the bracket's half-width in standard errors of the sampl
 
 
 def _bracket(weight, grads, acts, lambdas, aggregation, num_pruned):
-    """(lo, hi, capacity): keys that hold the num_pruned-th smallest score with near
-    certainty, from a fixed-seed sample of the scores (the torch reference's formula), and room
-    for the candidates between them (twice the sample's share, at least 4096)."""
+    """(bounds int32 [2] on the device: the keys lo <= hi that hold the num_pruned-th smallest
+    score with near certainty, from a fixed-seed sample of the scores (the torch reference's
+    formula); capacity: room for the keys strictly between them, twice the sample's share and
+    at least 4096). No host synchronisation."""
     n_rows, n_cols = weight.shape
     numel = weight.numel()
     gen = torch.Generator(device=weight.device).manual_seed(0)
@@ -372,49 +383,63 @@ def _bracket(weight, grads, acts, lambdas, aggregation, num_pruned):
     half_width = BRACKET_SIGMAS * math.sqrt(quantile * (1 - quantile) / size) + 2 / size
     lo_index = min(size - 1, max(0, math.floor((quantile - half_width) * size)))
     hi_index = min(size - 1, max(0, math.ceil((quantile + half_width) * size)))
-    bounds = keys[[lo_index, hi_index]].tolist()
     share = (hi_index - lo_index + 1) / size
-    return bounds[0], bounds[1], min(numel, int(2 * share * numel) + 4096)
+    return keys[[lo_index, hi_index]], min(numel, int(2 * share * numel) + 4096)
 
 
 def _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta, num_pruned,
                                block_r, block_c, flag):
-    """The layer's threshold from one pass over W: the keys below a sampled bracket counted
-    per row, the keys inside it gathered and ranked by torch. Returns (threshold key [1] int32,
-    ties to prune per row [out] int32), or None when the bracket missed the threshold or its
-    candidates overflowed (the radix select then runs). Raises the finite check's ValueError
-    (``flag`` given and raised) before anything is written."""
+    """The layer's threshold from one pass over W against a sampled bracket ``[lo, hi]``: per
+    row the keys below ``lo``, at ``lo`` and at ``hi`` counted, the keys strictly between
+    gathered and ranked by torch (so ties at either end, as in an already sparse layer, need no
+    room). Returns (threshold key [1] int32, ties to prune per row [out] int32), or None when
+    the threshold lies outside the bracket or the candidates overflowed (the radix select then
+    runs). One host synchronisation; raises the finite check's ValueError (``flag`` given and
+    raised) before anything is written."""
     n_rows, n_cols = weight.shape
     device = weight.device
-    lo, hi, capacity = _bracket(weight, grads, acts, lambdas, aggregation, num_pruned)
-    below = torch.empty(n_rows, dtype=torch.int32, device=device)
+    bounds, capacity = _bracket(weight, grads, acts, lambdas, aggregation, num_pruned)
+    counts = torch.empty(3, n_rows, dtype=torch.int32, device=device)  # below lo, at lo, at hi
     cand_keys = torch.empty(capacity, dtype=torch.int32, device=device)
     cand_rows = torch.empty(capacity, dtype=torch.int32, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     _bracket_kernel[(triton.cdiv(n_rows, block_r),)](
-        weight, below, cand_keys, cand_rows, counter, flag if flag is not None else counter,
-        lo=lo, hi=hi, capacity=capacity, n_rows=n_rows, n_cols=n_cols,
+        weight, counts, bounds, cand_keys, cand_rows, counter,
+        flag if flag is not None else counter, capacity=capacity, n_rows=n_rows, n_cols=n_cols,
         stride_wr=weight.stride(0), stride_wc=weight.stride(1), BLOCK_R=block_r, BLOCK_C=block_c,
         CHECK_FINITE=flag is not None, enable_fp_fusion=False, **meta,
     )
-    bad, found, below_total = torch.stack([
-        flag[0].long() if flag is not None else torch.zeros((), dtype=torch.int64, device=device),
-        counter[0].long(), below.sum(dtype=torch.int64)]).tolist()  # the one host sync
+    no_flag = torch.zeros(1, dtype=torch.int32, device=device)
+    summary = torch.cat([flag if flag is not None else no_flag, counter,
+                         (bounds[:1] == bounds[1:]).int()]).long()
+    bad, found, same_ends, below_lo, at_lo, at_hi = torch.cat(
+        [summary, counts.sum(dim=1, dtype=torch.int64)]).tolist()  # the one host sync
     if bad:
         raise non_finite_error(weight, "; nothing was written")
     if num_pruned == 0:  # keys below 0: none
         return (torch.zeros(1, dtype=torch.int32, device=device),
                 torch.zeros(n_rows, dtype=torch.int32, device=device))
-    rank = num_pruned - below_total  # the threshold's rank among the candidates
-    if found > capacity or not 1 <= rank <= found:
+    below = counts[0].long()
+    rank = num_pruned - below_lo  # the threshold's rank from lo on
+    if rank < 1:
         return None
+    if rank <= at_lo:
+        return bounds[:1], _share_ties(counts[1].long(), rank)
+    rank -= at_lo
+    if same_ends or found > capacity:
+        return None
+    below = below + counts[1].long()
     keys, key_rows = cand_keys[:found], cand_rows[:found].long()
-    threshold = torch.kthvalue(keys, rank).values.reshape(1)
-    below_per_row = below.long().scatter_add_(0, key_rows, (keys < threshold).long())
-    ties_per_row = torch.zeros(n_rows, dtype=torch.int64, device=device).scatter_add_(
-        0, key_rows, (keys == threshold).long())
-    remaining = num_pruned - below_per_row.sum()
-    return threshold, _share_ties(ties_per_row, remaining)
+    if rank <= found:
+        threshold = torch.kthvalue(keys, rank).values.reshape(1)
+        below = below.scatter_add_(0, key_rows, (keys < threshold).long())
+        ties = torch.zeros(n_rows, dtype=torch.int64, device=device).scatter_add_(
+            0, key_rows, (keys == threshold).long())
+        return threshold, _share_ties(ties, num_pruned - below.sum())
+    if rank <= found + at_hi:
+        below = below.scatter_add_(0, key_rows, torch.ones_like(key_rows))
+        return bounds[1:], _share_ties(counts[2].long(), num_pruned - below.sum())
+    return None
 
 
 def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, step_weights,

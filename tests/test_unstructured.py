@@ -114,11 +114,12 @@ def test_unstructured_deterministic():
 def test_layer_bracket_falls_back_when_it_misses_or_overflows(monkeypatch):
     """A sampled bracket that misses the threshold, or holds more candidates than it has room
     for, is detected and the radix select runs: the same exact mask."""
-    weight = make_weight(37, 100, torch.float32, "ties", seed=3)
-    expected = naive.layer_mask(weight.abs().float(), 0.5)
     bracket = unstructured._bracket
-    for fake in (lambda *a: (0, 0, 4096),  # below every key: misses
-                 lambda *a: bracket(*a)[:2] + (1,)):  # room for one candidate: overflows
+    above_all = torch.full((2,), 0x7F000000, dtype=torch.int32, device=DEVICE)  # 1.7e38
+    for kind, fake in (("ties", lambda *a: (above_all, 4096)),  # every key below lo: a miss
+                       ("random", lambda *a: (bracket(*a)[0], 1))):  # room for one: overflow
+        weight = make_weight(37, 100, torch.float32, kind, seed=3)
+        expected = naive.layer_mask(weight.abs().float(), 0.5)
         calls = []
         monkeypatch.setattr(unstructured, "_bracket", fake)
         monkeypatch.setattr(unstructured, "_layer_threshold",
@@ -127,3 +128,15 @@ def test_layer_bracket_falls_back_when_it_misses_or_overflows(monkeypatch):
         assert torch.equal(keep, expected) and calls == [1]
         monkeypatch.undo()
 
+
+def test_layer_bracket_needs_no_room_for_ties_at_its_ends(monkeypatch):
+    """An already sparse layer pruned again (magnitude, cascade): the threshold is 0, held by
+    thousands of tied zeros at the bracket's end; no candidate room, no radix passes."""
+    weight = make_weight(64, 256, torch.float32, "random", seed=5)
+    weight[torch.rand(64, 256, generator=torch.Generator().manual_seed(6)).to(DEVICE) < 0.6] = 0
+    calls = []
+    monkeypatch.setattr(unstructured, "_layer_threshold", lambda *a: calls.append(1))
+    for sparsity in (0.3, 0.5, 0.59):
+        keep = ck.unstructured_mask(weight, sparsity=sparsity, group="layer")
+        assert torch.equal(keep, naive.layer_mask(weight.abs().float(), sparsity))
+    assert calls == []
