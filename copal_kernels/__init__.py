@@ -1,8 +1,11 @@
-"""copal_kernels: fused Triton kernels for importance scores and N:M / unstructured masks.
+"""copal_kernels: fused Triton kernels for importance scores, N:M / unstructured masks and
+SparseGPT's OBS block loop.
 
 Every op has a pure-torch reference in :mod:`copal_kernels.naive`; the public functions run the
 Triton kernels on CUDA tensors (or under ``TRITON_INTERPRET=1``) and the reference otherwise, with
-bit-identical masks. Masks are bool with True = keep, except :func:`wanda_mask` (True = pruned).
+bit-identical results. Masks are bool with True = keep, except in the drop-ins that keep their
+callers' convention (True = pruned): :func:`wanda_mask`, :func:`obs_block_` and the SparseGPT
+ones (:mod:`copal_kernels.sparsegpt`).
 """
 
 from . import naive
