@@ -364,9 +364,8 @@ class CopalOptions:
                              f"{self.dampening!r}")
         object.__setattr__(self, "dampening", float(self.dampening))
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
-                or not 1 <= self.block_size <= MAX_BLOCK_COLUMNS:
-            raise ValueError(f"COPAL block_size must be an integer from 1 to {MAX_BLOCK_COLUMNS} "
-                             f"(the OBS block is held on chip), got {self.block_size!r}")
+                or self.block_size < 1:
+            raise ValueError(f"COPAL block_size must be a positive integer, got {self.block_size!r}")
         unused = OBS_DEFAULTS if self.weight_update == "none" else MASK_DEFAULTS
         changed = [key for key, default in unused.items() if getattr(self, key) != default]
         if changed:
