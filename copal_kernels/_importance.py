@@ -13,6 +13,7 @@ every input, and a score that is not finite also raises a flag (``check_finite``
 import triton
 import triton.language as tl
 
+from . import naive
 from ._validate import AGGREGATIONS
 
 
@@ -74,8 +75,10 @@ def load_keys(
     return w, score_keys(score, ok), ok, w_ptrs
 
 
-NAN_KEY = 0x7FC00000  # the canonical quiet NaN: above +Inf (0x7F800000), below PADDING_KEY
-PADDING_KEY = 0x7FFFFFFF  # lanes outside the matrix: above every score's key
+# the keys of naive.score_keys, as the kernels' compile-time constants
+INF_KEY = tl.constexpr(naive.INF_KEY)
+NAN_KEY = tl.constexpr(naive.NAN_KEY)
+PADDING_KEY = tl.constexpr(naive.PADDING_KEY)
 
 
 @triton.jit
@@ -83,14 +86,14 @@ def score_keys(score, ok):
     """int32 keys of a tile of non-negative fp32 scores (see the module docstring); lanes
     outside ``ok`` get PADDING_KEY."""
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0: equal scores, equal keys
-    keys = tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
-    return tl.where(ok, keys, 0x7FFFFFFF)
+    keys = tl.where(score != score, NAN_KEY, score.to(tl.int32, bitcast=True))
+    return tl.where(ok, keys, PADDING_KEY)
 
 
 @triton.jit
 def non_finite(keys):
     """int32 tile: 1 where the score is +Inf or NaN (padding lanes are not)."""
-    return ((keys >= 0x7F800000) & (keys != 0x7FFFFFFF)).to(tl.int32)
+    return ((keys >= INF_KEY) & (keys != PADDING_KEY)).to(tl.int32)
 
 
 def importance_meta(grads, acts, lambdas, steps, aggregation, placeholder):

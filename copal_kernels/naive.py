@@ -54,13 +54,18 @@ def importance(
     return score
 
 
+INF_KEY = 0x7F800000  # +Inf's bits read as int32
+NAN_KEY = 0x7FC00000  # every NaN's key: the canonical quiet NaN, above +Inf's
+PADDING_KEY = 0x7FFFFFFF  # the kernels' lanes outside the matrix: above every score's key
+
+
 def score_keys(score: torch.Tensor) -> torch.Tensor:
     """int32 keys of non-negative fp32 scores, ordered as a stable ``torch.sort`` orders the
     scores: -0.0 folded into +0.0, every NaN one key above +Inf's (see
     :mod:`copal_kernels._importance`)."""
     score = torch.where(score == 0, torch.zeros_like(score), score)
     keys = score.contiguous().view(torch.int32)
-    return torch.where(torch.isnan(score), torch.full_like(keys, 0x7FC00000), keys)
+    return torch.where(torch.isnan(score), torch.full_like(keys, NAN_KEY), keys)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
