@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ._validate import non_finite_error
+
 try:
     import triton  # noqa: F401
 
@@ -26,3 +28,18 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if not HAS_TRITON:
         return False
     return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
+
+
+def reference_result(weight: torch.Tensor, keep: torch.Tensor, bad, write_mask: bool,
+                     write_weight: bool, left: str):
+    """The end of a prune on the torch path, under the kernels' rule: the units holding a
+    NaN/Inf score (``bad``, bool like ``keep``, or None) are kept as they are, the rest is
+    pruned (in place if ``write_weight``), then ``ValueError`` (``left`` says what was written);
+    else the keep-mask if ``write_mask``."""
+    if bad is not None:
+        keep |= bad
+    if write_weight:
+        weight.masked_fill_(~keep, 0)
+    if bad is not None:
+        raise non_finite_error(weight, left)
+    return keep if write_mask else None

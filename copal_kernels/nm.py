@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import naive
-from ._dispatch import interpreting, use_triton
+from ._dispatch import interpreting, reference_result, use_triton
 from ._importance import importance_meta, load_keys, non_finite
 from ._validate import check_importance_inputs, check_nm, non_finite_error
 
@@ -226,15 +226,9 @@ def _nm(weight, grad_norms, act_norms, n, m, aggregation, step_weights, write_ma
     left = "; the N:M groups holding them were left as they were" if write_weight else ""
     if not use_triton(weight):
         score = naive.importance(weight, grads, acts, aggregation, lambdas)
-        keep = naive.nm_mask(score, n, m)
         bad = naive.non_finite_units(score, m) if check_finite else None
-        if bad is not None:
-            keep |= bad
-        if write_weight:
-            weight.masked_fill_(~keep, 0)
-        if bad is not None:
-            raise non_finite_error(weight, left)
-        return keep if write_mask else None
+        return reference_result(weight, naive.nm_mask(score, n, m), bad, write_mask,
+                                write_weight, left)
 
     n_rows, n_cols = weight.shape
     n_groups = n_cols // m

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import naive
-from ._dispatch import interpreting, use_triton
+from ._dispatch import interpreting, reference_result, use_triton
 from ._importance import importance_meta, load_keys, non_finite
 from ._validate import check_importance_inputs, check_sparsity, non_finite_error
 
@@ -213,28 +213,26 @@ def _row_select_kernel(
 
 @triton.jit
 def _layer_count_kernel(
-    w_ptr, counts_ptr, prefix_ptr, flag_ptr, grad_ptr, act_ptr, lam_ptr,
+    w_ptr, counts_ptr, prefix_ptr, grad_ptr, act_ptr, lam_ptr,
     n_rows, n_cols, stride_wr, stride_wc,
     NUM_STEPS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_ACT: tl.constexpr,
     HAS_LAMBDA: tl.constexpr, AGGREGATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SHIFT: tl.constexpr,
-    NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    NUM_BINS: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
-    """counts[out, NUM_BINS] int32: per row, digit counts of the keys matching *prefix_ptr; the
-    first pass raises *flag_ptr for a NaN/Inf score."""
+    """counts[out, NUM_BINS] int32: per row, digit counts of the keys matching *prefix_ptr (the
+    non-finite check is the bracket pass's, which always runs first)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row_ok = rows < n_rows
     prefix = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(prefix_ptr)
-    counts, bad = _count_rows(
+    counts, _ = _count_rows(
         w_ptr, rows, row_ok, prefix, n_rows, n_cols, stride_wr, stride_wc, grad_ptr, act_ptr,
         lam_ptr, NUM_STEPS, HAS_GRAD, HAS_ACT, HAS_LAMBDA, AGGREGATION, BLOCK_R, BLOCK_C, SHIFT,
         NUM_BINS, RADIX_BITS,
     )
     bins = tl.arange(0, NUM_BINS)[None, :]
     tl.store(counts_ptr + rows * NUM_BINS + bins, counts, mask=row_ok)
-    if CHECK_FINITE and SHIFT + RADIX_BITS >= 32:
-        tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
 
 @triton.jit
@@ -327,9 +325,9 @@ def _tile(n_rows: int, n_cols: int, group: str):
     return block_r, block_c, on_chip, num_warps
 
 
-def _layer_threshold(weight, meta, num_pruned, block_r, block_c, flag):
+def _layer_threshold(weight, meta, num_pruned, block_r, block_c):
     """Radix select over the whole matrix. Returns (threshold key [1] int32, ties to prune per
-    row [out] int32), all on the device; ``flag`` (int32 [1], or None) is raised by a NaN/Inf."""
+    row [out] int32), all on the device."""
     n_rows, n_cols = weight.shape
     device = weight.device
     counts = torch.empty((n_rows, NUM_BINS), dtype=torch.int32, device=device)
@@ -338,11 +336,10 @@ def _layer_threshold(weight, meta, num_pruned, block_r, block_c, flag):
     bins = torch.arange(NUM_BINS, device=device)
     for p in range(NUM_PASSES):
         _layer_count_kernel[(triton.cdiv(n_rows, block_r),)](
-            weight, counts, prefix, flag if flag is not None else prefix,
+            weight, counts, prefix,
             n_rows=n_rows, n_cols=n_cols, stride_wr=weight.stride(0), stride_wc=weight.stride(1),
             BLOCK_R=block_r, BLOCK_C=block_c, SHIFT=32 - RADIX_BITS * (p + 1),
-            NUM_BINS=NUM_BINS, RADIX_BITS=RADIX_BITS, CHECK_FINITE=flag is not None,
-            enable_fp_fusion=False, **meta,
+            NUM_BINS=NUM_BINS, RADIX_BITS=RADIX_BITS, enable_fp_fusion=False, **meta,
         )
         totals = counts.sum(dim=0, dtype=torch.int64)
         digit = (totals.cumsum(0) < remaining).sum(dim=0, keepdim=True)
@@ -388,14 +385,14 @@ def _bracket(weight, grads, acts, lambdas, aggregation, num_pruned):
 
 
 def _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta, num_pruned,
-                               block_r, block_c, flag):
+                               block_r, block_c, flag, left):
     """The layer's threshold from one pass over W against a sampled bracket ``[lo, hi]``: per
     row the keys below ``lo``, at ``lo`` and at ``hi`` counted, the keys strictly between
     gathered and ranked by torch (so ties at either end, as in an already sparse layer, need no
     room). Returns (threshold key [1] int32, ties to prune per row [out] int32), or None when
     the threshold lies outside the bracket or the candidates overflowed (the radix select then
-    runs). One host synchronisation; raises the finite check's ValueError (``flag`` given and
-    raised) before anything is written."""
+    runs; its keys are these, so the flag holds for it too). One host synchronisation; raises
+    the finite check's ValueError (``flag`` given and raised) before anything is written."""
     n_rows, n_cols = weight.shape
     device = weight.device
     bounds, capacity = _bracket(weight, grads, acts, lambdas, aggregation, num_pruned)
@@ -409,17 +406,15 @@ def _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta, 
         stride_wr=weight.stride(0), stride_wc=weight.stride(1), BLOCK_R=block_r, BLOCK_C=block_c,
         CHECK_FINITE=flag is not None, enable_fp_fusion=False, **meta,
     )
-    no_flag = torch.zeros(1, dtype=torch.int32, device=device)
-    summary = torch.cat([flag if flag is not None else no_flag, counter,
-                         (bounds[:1] == bounds[1:]).int()]).long()
+    flagged = flag if flag is not None else torch.zeros_like(counter)
+    summary = torch.cat([flagged, counter, (bounds[:1] == bounds[1:]).int()]).long()
     bad, found, same_ends, below_lo, at_lo, at_hi = torch.cat(
         [summary, counts.sum(dim=1, dtype=torch.int64)]).tolist()  # the one host sync
     if bad:
-        raise non_finite_error(weight, "; nothing was written")
+        raise non_finite_error(weight, left)
     if num_pruned == 0:  # keys below 0: none
         return (torch.zeros(1, dtype=torch.int32, device=device),
                 torch.zeros(n_rows, dtype=torch.int32, device=device))
-    below = counts[0].long()
     rank = num_pruned - below_lo  # the threshold's rank from lo on
     if rank < 1:
         return None
@@ -428,7 +423,7 @@ def _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta, 
     rank -= at_lo
     if same_ends or found > capacity:
         return None
-    below = below + counts[1].long()
+    below = counts[0].long() + counts[1].long()
     keys, key_rows = cand_keys[:found], cand_rows[:found].long()
     if rank <= found:
         threshold = torch.kthvalue(keys, rank).values.reshape(1)
@@ -455,16 +450,10 @@ def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, s
     if not use_triton(weight):
         score = naive.importance(weight, grads, acts, aggregation, lambdas)
         bad = naive.non_finite_units(score, None) if check_finite else None
-        if bad is not None and group == "layer":
+        if bad is not None and group == "layer":  # one threshold: nothing is written
             raise non_finite_error(weight, left)
         keep = naive.row_mask(score, sparsity) if group == "row" else naive.layer_mask(score, sparsity)
-        if bad is not None:
-            keep |= bad
-        if write_weight:
-            weight.masked_fill_(~keep, 0)
-        if bad is not None:
-            raise non_finite_error(weight, left)
-        return keep if write_mask else None
+        return reference_result(weight, keep, bad, write_mask, write_weight, left)
 
     n_rows, n_cols = weight.shape
     keep = torch.empty((n_rows, n_cols), dtype=torch.bool, device=weight.device) if write_mask else None
@@ -485,11 +474,9 @@ def _unstructured(weight, grad_norms, act_norms, sparsity, group, aggregation, s
     else:
         num_pruned = int(weight.numel() * sparsity)
         selected = _layer_threshold_bracketed(weight, grads, acts, lambdas, aggregation, meta,
-                                              num_pruned, block_r, block_c, flag)
+                                              num_pruned, block_r, block_c, flag, left)
         if selected is None:  # the bracket missed: the radix select, 8 more passes
-            selected = _layer_threshold(weight, meta, num_pruned, block_r, block_c, flag)
-            if check_finite and flag.item():  # before anything is written
-                raise non_finite_error(weight, left)
+            selected = _layer_threshold(weight, meta, num_pruned, block_r, block_c)
         threshold, ties = selected
         _apply_kernel[grid](
             weight, mask_arg, threshold, ties, n_rows=n_rows, n_cols=n_cols,
