@@ -164,6 +164,11 @@ def obs_block_(
     :func:`copal_kernels.naive.obs_block_`, with the same result bit for bit.
     """
     check_obs_inputs(W1, Hinv1, pruned, n, m)
+    return run_obs_block(W1, Hinv1, pruned, n, m)
+
+
+def run_obs_block(W1, Hinv1, pruned, n, m) -> OBSBlock:
+    """:func:`obs_block_` on inputs already checked (the block loops check a layer once)."""
     pruned = pruned.contiguous() if pruned is not None else None
     if not use_triton(W1):
         return OBSBlock(*naive.obs_block_(W1, Hinv1, pruned, n or 0, m or 0))

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._validate import check_pruned_of, check_sparsity
-from .obs import MAX_BLOCK_COLUMNS, check_obs_inputs, obs_block_
+from .obs import MAX_BLOCK_COLUMNS, check_obs_inputs, obs_block_, run_obs_block
 from .unstructured import unstructured_mask
 
 MASK_RULES = ("upstream", "exact")
@@ -48,6 +48,11 @@ def sparsegpt_block_mask(
         raise ValueError(f"rule must be one of {MASK_RULES}, got {rule!r}")
     check_sparsity(sparsity)
     check_obs_inputs(W1, Hinv1, base, None, None, need_pattern=False, max_columns=None)
+    return _block_mask(W1, Hinv1, sparsity, base, rule)
+
+
+def _block_mask(W1, Hinv1, sparsity, base, rule):
+    """:func:`sparsegpt_block_mask` on inputs already checked."""
     diag = torch.diag(Hinv1).reshape((1, -1))
     tmp = W1 ** 2 / diag ** 2
     count = int(tmp.numel() * sparsity)
@@ -82,9 +87,15 @@ def sparsegpt_block(
         raise ValueError("prune_n=0 (unstructured) needs mask1, the block's mask "
                          "(sparsegpt_block_mask)")
     Q1 = W1.clone()
-    pattern = dict(n=prune_m - prune_n, m=prune_m) if prune_n else {}
-    block = obs_block_(Q1, Hinv1, pruned=mask1, **pattern)
+    n, m = _kept_of(prune_n, prune_m)
+    block = obs_block_(Q1, Hinv1, pruned=mask1, n=n, m=m)
     return Q1, block.errors, block.losses
+
+
+def _kept_of(prune_n, prune_m):
+    """(n kept, m) of obs_block_ from the callers' prune_n pruned of prune_m; (None, None) for
+    unstructured."""
+    return (prune_m - prune_n, prune_m) if prune_n else (None, None)
 
 
 def sparsegpt_prune_(
@@ -113,11 +124,10 @@ def sparsegpt_prune_(
             or not 1 <= blocksize <= MAX_BLOCK_COLUMNS:
         raise ValueError(f"blocksize must be an int from 1 to {MAX_BLOCK_COLUMNS}, got {blocksize!r}")
     check_pruned_of(prune_n, prune_m, "SparseGPT")
-    if prune_n:
-        if blocksize % prune_m or W.shape[1] % prune_m:
-            raise ValueError(f"prune_n={prune_n}, prune_m={prune_m} needs the block size "
-                             f"({blocksize}) and the columns ({W.shape[1]}) divisible by prune_m: "
-                             "N:M groups would straddle blocks")
+    if prune_n and (blocksize % prune_m or W.shape[1] % prune_m):
+        raise ValueError(f"prune_n={prune_n}, prune_m={prune_m} needs the block size "
+                         f"({blocksize}) and the columns ({W.shape[1]}) divisible by prune_m: "
+                         "N:M groups would straddle blocks")
     losses = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
     columns = W.shape[1]
     for i1 in range(0, columns, blocksize):
@@ -126,9 +136,10 @@ def sparsegpt_prune_(
         Hinv1 = Hinv[i1:i2, i1:i2]
         mask1 = mask[:, i1:i2] if mask is not None else None
         if prune_n == 0:
-            mask1 = sparsegpt_block_mask(W1, Hinv1, sparsity, base=mask1, rule=rule)
-        pattern = dict(n=prune_m - prune_n, m=prune_m) if prune_n else {}
-        block = obs_block_(W1, Hinv1, pruned=mask1, **pattern)  # W1 is W's view: updated in place
+            mask1 = _block_mask(W1, Hinv1, sparsity, mask1, rule)
+        # everything obs_block_ checks per block is checked above for the whole layer; W1 is
+        # W's view: updated in place
+        block = run_obs_block(W1, Hinv1, mask1, *_kept_of(prune_n, prune_m))
         losses += torch.sum(block.losses, 1) / 2
         update = block.errors.matmul(Hinv[i1:i2, i2:])
         W[:, i2:] -= update if mask is None else (~mask[:, i2:]) * update
