@@ -168,8 +168,9 @@ def obs_block_(
         w = W1[:, i].clone()
         d = Hinv1[i, i]
         q = torch.where(pruned[:, i], torch.zeros_like(w), w)
-        losses[:, i] = (w - q) * (w - q) / (d * d)
-        error = (w - q) / d
+        diff = w - q
+        losses[:, i] = diff * diff / (d * d)
+        error = diff / d
         W1[:, i:] -= error[:, None] * Hinv1[i, i:][None, :]
         W1[:, i] = q
         errors[:, i] = error

@@ -48,14 +48,10 @@ def test_non_finite_vectors(bad, where):
     assert torch.equal(weight, before), "nothing was written"
 
 
-def _paths():
+@pytest.fixture(params=["kernels", "reference"])
+def path(request, monkeypatch):
     """Both paths of every function: the Triton kernels (compiled, or the interpreter) and the
     torch reference that runs where Triton does not."""
-    return ["kernels", "reference"]
-
-
-@pytest.fixture(params=_paths())
-def path(request, monkeypatch):
     if request.param == "reference":
         for module in (nm, unstructured):
             monkeypatch.setattr(module, "use_triton", lambda tensor: False)
