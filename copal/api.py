@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 from transformers import AutoTokenizer
 
+from . import distributed
 from .assets import resolve_model
 from .checkpoint import CheckpointError, ShardWriter, copy_non_weights
 from .continual import (DenseWeights, RunSpec, copal_method, hessian_state, prune_step,
@@ -102,7 +103,7 @@ def _sweep(lm: LayeredModel, windows: torch.Tensor, pruner, pattern: Pattern,
     writing the folder it is given), which it returns."""
     def sweep(done, hessian_target):
         hessians = (hessian_state(options, previous, hessian_target, step)
-                    if hessian_target else None)
+                    if options is not None and options.obs else None)
         method = pruner if hessians is None else make_method(
             "copal", history=history, grad_norms=None, options=options, hessians=hessians)
         prune_sweep(lm, windows, method, pattern, on_block_done=done, **sweep_options)
@@ -121,7 +122,14 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
     else None; the sweep returns their :class:`copal.hessian.HessianState`). A state inside
     ``out`` lands with the checkpoint; one elsewhere is written in a work folder beside its
     target (removed by the next run there if this process is killed) and moved there only once
-    the checkpoint has landed, so a failed run neither leaves nor replaces a state."""
+    the checkpoint has landed, so a failed run neither leaves nor replaces a state.
+
+    In a group of ranks (copal.distributed) only rank 0 writes; the others run the same sweep
+    and wait for it to land."""
+    if not distributed.is_writer():
+        run_sweep(None, None)
+        distributed.barrier()
+        return out
     writer = ShardWriter(out, lm.num_blocks + 1, overwrite=overwrite, protect=[model_dir])
     pending = None  # a work folder for a state outside the output
     try:
@@ -157,6 +165,7 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
         landed = writer.finish(save_extra)
         if pending is not None:
             _land_state(staged, state[0])
+        distributed.barrier()
         return landed
     except BaseException:
         writer.abort()
@@ -205,11 +214,13 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     batch_size = "auto" if batch_size is None else batch_size
     check_execution(device=device, dtype=dtype, batch_size=batch_size,
                     offload_activations=offload_activations)
-    model_dir = resolve_model(model, progress=log)
-    out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir])
+    model_dir = distributed.from_writer(lambda: resolve_model(model, progress=log))
+    out = distributed.from_writer(
+        lambda: check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir]))
     state_path = None
     if method == "copal":
-        state_path = _state_target(state_out, out, overwrite=overwrite, protect=[model_dir])
+        state_path = distributed.from_writer(
+            lambda: _state_target(state_out, out, overwrite=overwrite, protect=[model_dir]))
     elif state_out is not None:
         raise ValueError("--state-out: only --method copal writes a state")
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
@@ -309,10 +320,11 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
             raise FileNotFoundError(f"the state's dense model {model_dir} is gone; pass --model "
                                     "with where it is now")
     else:
-        model_dir = resolve_model(model, progress=log)
-    out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir, Path(state)])
-    state_path = _state_target(state_out, out, overwrite=overwrite,
-                               protect=[model_dir, Path(state)])
+        model_dir = distributed.from_writer(lambda: resolve_model(model, progress=log))
+    out = distributed.from_writer(lambda: check_output_dir(
+        out_dir, overwrite=overwrite, protect=[model_dir, Path(state)]))
+    state_path = distributed.from_writer(lambda: _state_target(
+        state_out, out, overwrite=overwrite, protect=[model_dir, Path(state)]))
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     lm.check_pattern(pattern)
     lm.check_seq_len(meta["seq_len"])
@@ -360,7 +372,7 @@ def evaluate_checkpoint(model: str, sources: List[str], *, num_test: int = 32, s
         raise ValueError(f"num_test must be at least 1, got {num_test}")
     check_execution(device=device, dtype=dtype, batch_size=batch_size,
                     offload_activations=offload_activations)
-    model_dir = resolve_model(model)
+    model_dir = distributed.from_writer(lambda: resolve_model(model))
     lm = LayeredModel.from_checkpoint(model_dir, dtype=resolve_dtype(dtype, device))
     lm.check_seq_len(seq_len)
     tokenizer = _tokenizer(Path(tokenizer_from) if tokenizer_from else model_dir)

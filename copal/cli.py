@@ -198,6 +198,7 @@ def _flag(key: str) -> str:
 
 
 def _experiment(args):
+    from . import distributed
     from .experiment import ExperimentConfig, run_experiment
 
     config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
@@ -211,6 +212,11 @@ def _experiment(args):
                 raise ValueError(f"--set {item}: the value is not JSON (strings need quotes: "
                                  f"{key}='\"...\"')") from None
         config = ExperimentConfig.from_dict(data)
+    if distributed.launched():
+        device = str(distributed.setup(config.device))
+        config = ExperimentConfig.from_dict(dict(config.to_dict(), device=device))
+        if not distributed.is_writer():
+            sys.stdout = open(os.devnull, "w")
     run_experiment(config, args.out, overwrite=args.overwrite)
 
 
@@ -231,6 +237,21 @@ def _report(args):
     results = merge_results(parts)
     print_summary(results)
     print(f"report {write_report(results, out)}")
+
+
+def _join_group(args) -> None:
+    """Under torchrun: join the process group, compute on this rank's device, and leave the
+    printing to rank 0 (copal.distributed)."""
+    from . import distributed
+
+    if not distributed.launched():
+        return
+    if args.command == "report":
+        raise ValueError("copal report renders files and runs in one process, not under torchrun")
+    if args.command != "experiment":
+        args.device = str(distributed.setup(args.device))
+    if not distributed.is_writer():
+        sys.stdout = open(os.devnull, "w")
 
 
 def _run(args):
@@ -292,6 +313,7 @@ def main(argv=None) -> int:
             except ValueError:  # not the main thread: leave signals alone
                 pass
     try:
+        _join_group(args)
         _run(args)
     except KeyboardInterrupt as stop:
         cause = str(stop) if isinstance(stop, Terminated) else "Ctrl-C"

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomically
 from .data import Dataset
+from .distributed import barrier as distributed_barrier
+from .distributed import broadcast_path, is_writer, writer_first
 from .evaluate import bwt, perplexities
 from .gradients import gradient_norms
 from .hessian import HessianState, step_dir
@@ -148,15 +150,19 @@ class ScratchBlocks:
 
     def __init__(self, directory):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if is_writer():
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.saved = {int(p.stem.split("-")[1]) for p in self.directory.glob("block-*.safetensors")}
 
     def _path(self, index: int) -> Path:
         return self.directory / f"block-{index:05d}.safetensors"
 
     def save(self, index: int, block: torch.nn.Module) -> None:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        write_atomically(self._path(index), lambda name: save_file(state, name))
+        """Rank 0 writes; the other ranks of a group (copal.distributed) hold the same block
+        and read rank 0's file once the sweep's closing barrier has passed."""
+        if is_writer():
+            state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            write_atomically(self._path(index), lambda name: save_file(state, name))
         self.saved.add(index)
 
     def __call__(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
@@ -176,6 +182,9 @@ class RunStore:
 
     Files of any other step are leftovers (of a killed step, or superseded) and are removed on
     opening. :meth:`temporary` makes one that is not kept (a run that is not resumed).
+
+    In a group of ranks (copal.distributed) rank 0 owns the store: the others read it and never
+    write or remove anything (make them after rank 0's, :func:`copal.distributed.writer_first`).
     """
 
     PROGRESS = "progress.json"
@@ -187,7 +196,9 @@ class RunStore:
         self.steps: List[dict] = []
         self.notes: dict = {}  # the owner's own facts about the run, saved with the next step
         self.on_commit = None  # called after each finished step is saved
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writer = is_writer()
+        if self.writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / self.PROGRESS
         if path.is_file():
             try:
@@ -196,16 +207,19 @@ class RunStore:
                 progress = {}
             if progress.get("key") == key:
                 self.steps, self.notes = progress["steps"], progress.get("notes", {})
-            else:
+            elif self.writer:
                 log(f"  discarded the unfinished steps in {self.directory}: made with another "
                     "config, data or model")
                 path.unlink()
-        self._remove_other_steps(keep=len(self.steps))
+        if self.writer:
+            self._remove_other_steps(keep=len(self.steps))
 
     @classmethod
     def temporary(cls, parent) -> "RunStore":
-        work = WorkDir(parent, ".copal-scratch-")
-        return cls(work.path, "", work=work)
+        """In a group of ranks, rank 0 makes the folder and the others use it."""
+        work = writer_first(lambda: WorkDir(parent, ".copal-scratch-") if is_writer() else None)
+        path = broadcast_path(work.path if work is not None else None)
+        return cls(path, "", work=work)
 
     def _remove_other_steps(self, keep: int) -> None:
         for path in self.directory.iterdir():
@@ -229,6 +243,9 @@ class RunStore:
         """Step ``len(steps) + 1`` is finished: its blocks are saved already; save its history,
         then its record, then drop the previous step's files."""
         step = len(self.steps) + 1
+        if not self.writer:
+            self.steps.append(record)
+            return
         if history and self._work is None:
             save_history(self.directory / f"history-{step:04d}.safetensors", history)
         self.steps.append(record)
@@ -240,6 +257,9 @@ class RunStore:
             self.on_commit()
 
     def close(self, remove: bool = True) -> None:
+        distributed_barrier()  # no rank reads the store any more
+        if not self.writer:
+            return
         if self._work is not None:
             self._work.release()
         elif remove:
@@ -259,9 +279,10 @@ def copal_method(lm, history, windows, options: CopalOptions, *, device="cpu", b
                        hessians=hessians)
 
 
-def hessian_state(options: CopalOptions, previous: Optional[Path], target: Path,
+def hessian_state(options: CopalOptions, previous: Optional[Path], target: Optional[Path],
                   step: int) -> Optional[HessianState]:
-    """The second-order state of step ``step`` for COPAL's OBS update (None for mask-only)."""
+    """The second-order state of step ``step`` for COPAL's OBS update (None for mask-only);
+    ``target`` None: not written (ranks other than 0 of a run whose rank 0 writes it)."""
     if not options.obs:
         return None
     return HessianState(previous, target, step, options.step_weighting, options.step_weight(step))
@@ -353,8 +374,9 @@ def _run_steps(lm, dense, datasets, spec, heldout, store, hessian_root, *, devic
         if spec.options is not None and spec.options.obs:
             where = store.hessian_dir if store is not None else (
                 lambda t: step_dir(hessian_root.name, t))
-            hessians = hessian_state(spec.options, where(step) if step else None,
-                                     where(step + 1), step + 1)
+            target = where(step + 1) if store is None or store.writer else None
+            hessians = hessian_state(spec.options, where(step) if step else None, target,
+                                     step + 1)
         prune_step(lm, dense, history, windows, pattern, spec, device=device,
                    batch_size=batch_size, offload=offload_activations, desc=desc,
                    start_from=current, on_block_done=written.save if written else None,

@@ -6,6 +6,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .model import LayeredModel
 from .phases import progress
 from .sweep import BlockStates, embed_windows, resolve_batch_size, run_blocks, stream_blocks
@@ -21,7 +22,8 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
     windows = torch.cat([test_sets[n] for n in names])
     batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
     owners = torch.cat([torch.full((len(test_sets[n]),), i) for i, n in enumerate(names)])
-    chunks = embed_windows(lm, windows, device, batch_size, offload_activations)
+    local = distributed.local_windows(windows, batch_size, "test windows")
+    chunks = embed_windows(lm, local, device, batch_size, offload_activations)
     with torch.no_grad():
         blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states)
         for index, block in progress(blocks, total=lm.num_blocks, desc=desc, unit="block"):
@@ -29,16 +31,17 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
             lm.unload_block(index)
         lm.norm.to(device)
         lm.head.to(device)
-        nll = torch.zeros(len(names), dtype=torch.float64)
-        count = torch.zeros(len(names), dtype=torch.float64)
-        for hidden, ids, owner in zip(chunks, windows.split(batch_size), owners.split(batch_size)):
+        window_nll = []  # fp64, one sum per window, in the windows' order
+        for hidden, ids in zip(chunks, local.split(batch_size)):
             logits = lm.logits(hidden.to(device))[:, :-1].float()
             losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      ids[:, 1:].reshape(-1).to(device), reduction="none")
-            per_window = losses.reshape(len(ids), -1).double().cpu()
-            nll.index_add_(0, owner, per_window.sum(1))
-            count.index_add_(0, owner, torch.full((len(ids),), float(per_window.shape[1]),
-                                                  dtype=torch.float64))
+            window_nll.append(losses.reshape(len(ids), -1).double().sum(1).cpu())
+    # every rank's windows, then one sum per set in the windows' order (copal.distributed)
+    window_nll = distributed.gather_rows(torch.cat(window_nll))
+    nll = torch.zeros(len(names), dtype=torch.float64).index_add_(0, owners, window_nll)
+    count = torch.zeros(len(names), dtype=torch.float64).index_add_(
+        0, owners, torch.full((len(windows),), float(windows.shape[1] - 1), dtype=torch.float64))
     result = {name: math.exp(float(nll[i] / count[i])) for i, name in enumerate(names)}
     broken = [name for name, value in result.items() if not math.isfinite(value)]
     if broken:

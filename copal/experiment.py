@@ -30,6 +30,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .assets import SMOLLM2_NAME, resolve_model
+from . import distributed
 from .atomic import write_atomically
 from .checkpoint import CheckpointError
 from .continual import RunSpec, RunStore, run_continual, state_metadata
@@ -324,8 +325,9 @@ def run_experiment(config: ExperimentConfig, out_dir, *, overwrite: bool = False
     the CLI), it writes results.json and the report of what finished, then re-raises."""
     check_execution(device=config.device, dtype=config.dtype, batch_size=config.batch_size,
                     offload_activations=config.offload_activations)
-    model_dir = resolve_model(config.model, progress=log)
-    out = _check_out(out_dir, model_dir)
+    model_dir = distributed.from_writer(lambda: resolve_model(config.model, progress=log))
+    out = distributed.from_writer(lambda: _check_out(out_dir, model_dir))
+    distributed.check_shared_folder(out)
     return _run(config, out, model_dir, overwrite, log)
 
 
@@ -351,6 +353,8 @@ def _run(config: ExperimentConfig, out: Path, model_dir: Path, overwrite: bool, 
                 "dtype": str(dtype).removeprefix("torch."),
                 "device": torch.device(config.device).type, "batch_size": config.batch_size}
 
+    if not distributed.is_writer():  # rank 0 writes everything (copal.distributed)
+        return _continue(config, out, lm, identity, datasets, heldout, model_dir, overwrite, log)
     out.mkdir(parents=True, exist_ok=True)
     lock = _ExperimentLock(out)
     try:
@@ -365,7 +369,8 @@ def _continue(config, out, lm, identity, datasets, heldout, model_dir, overwrite
     results_path = out / "results.json"
     results = {"format": RESULTS_FORMAT, "config": config_dict, "identity": identity,
                "environment": environment(), "runs": [], "peak_rss_mb": 0.0}
-    previous = _previous_results(results_path, out, config_dict, identity, overwrite, log)
+    previous = distributed.from_writer(
+        lambda: _previous_results(results_path, out, config_dict, identity, overwrite, log))
     if previous is not None:
         results.update(runs=previous["runs"], dense=previous.get("dense"),
                        peak_rss_mb=previous.get("peak_rss_mb", 0.0))
@@ -380,6 +385,8 @@ def _continue(config, out, lm, identity, datasets, heldout, model_dir, overwrite
                 "it back to resume it, or delete the folder)")
 
     def save(unfinished=None):
+        if not distributed.is_writer():
+            return
         results["environment"] = environment()
         results["peak_rss_mb"] = max(results["peak_rss_mb"], peak_resident_bytes() / 2**20)
         results["unfinished"] = unfinished
@@ -445,7 +452,8 @@ def _previous_results(path: Path, out: Path, config: dict, identity: dict, overw
 
 
 def _run_one(spec, key, lm, model_dir, identity, datasets, heldout, config, out, save, log) -> dict:
-    store = RunStore(out / PROGRESS_DIR / _slug(spec.label), key, log=log)
+    store = distributed.writer_first(
+        lambda: RunStore(out / PROGRESS_DIR / _slug(spec.label), key, log=log))
 
     def unfinished():
         return {"label": spec.label, "datasets": [d.name for d in datasets],
@@ -477,7 +485,7 @@ def _run_one(spec, key, lm, model_dir, identity, datasets, heldout, config, out,
         run["peak_device_mb"] = torch.cuda.max_memory_allocated(config.device) / 2**20
     run["key"] = key
     history, hessians = run.pop("history"), run.pop("hessian_dir")
-    if spec.method == "copal":
+    if spec.method == "copal" and distributed.is_writer():
         state_name = f"state-{_slug(spec.label)}.safetensors"
         written = None
         if hessians is not None and hessians.exists():  # the OBS variant's blocks: beside it
@@ -491,6 +499,6 @@ def _run_one(spec, key, lm, model_dir, identity, datasets, heldout, config, out,
             batch_size=config.batch_size, hessian_id=written))
         run["state_file"] = state_name
     store.close()
-    if not any(store.directory.parent.iterdir()):
+    if distributed.is_writer() and not any(store.directory.parent.iterdir()):
         store.directory.parent.rmdir()
     return run

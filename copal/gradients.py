@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import copal_kernels as ck
 
+from . import distributed
 from .model import LayeredModel
 from .phases import phase, progress
 from .sweep import (BlockStates, embed_windows, park, release_pinned_cache, resolve_batch_size,
@@ -96,19 +97,23 @@ def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", bat
     on them (up to fp32 summation order across rounds): every round's loss is normalised by all
     N x (S - 1) predicted tokens.
     """
-    plan = plan_gradient_pass(lm.num_blocks, len(windows), window_input_bytes(lm, windows.shape[1]),
-                              host_budget)
-    plan = GradientPlan(lm.num_blocks, len(windows), micro_batch or plan.micro_batch,
-                        segment or plan.segment)
     batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
     predicted = windows.shape[0] * (windows.shape[1] - 1)
-    sums: Dict[str, torch.Tensor] = {}
+    tokens = windows.numel()
+    windows = distributed.local_windows(windows, batch_size, "calibration windows")
+    plan = plan_gradient_pass(lm.num_blocks, len(windows), window_input_bytes(lm, windows.shape[1]),
+                              host_budget)
+    # rounds of whole chunks: each chunk's gradients are the same however the rounds fall
+    rounded = max(batch_size, (micro_batch or plan.micro_batch) // batch_size * batch_size)
+    plan = GradientPlan(lm.num_blocks, len(windows), rounded, segment or plan.segment)
+    sums: Dict[str, distributed.OrderedSum] = {}
     for number, start in enumerate(range(0, len(windows), plan.micro_batch)):
         label = desc if plan.rounds == 1 else f"{desc} round {number + 1}/{plan.rounds}"
         _round(lm, windows[start:start + plan.micro_batch], plan.segment, sums, predicted,
                device=device, batch_size=batch_size, block_states=block_states, timer=timer,
                desc=label)
-    norms = {key: torch.sqrt(acc / windows.numel()).cpu() for key, acc in sums.items()}
+    distributed.reduce_sums(sums.values())
+    norms = {key: torch.sqrt(acc.value / tokens).cpu() for key, acc in sums.items()}
     if torch.device(device).type == "cuda":  # the kept inputs' pinned buffers: not for the sweep
         release_pinned_cache()
     return norms
@@ -173,7 +178,7 @@ def _backward_block(lm, block, index, inputs, grads, sums, device):
     into dL/d input in place, adding each Linear's squared output gradients to ``sums``."""
     linears = lm.linears(block)
     for name, linear in linears.items():
-        sums.setdefault(f"{index}.{name}", torch.zeros(linear.out_features, device=device))
+        sums.setdefault(f"{index}.{name}", distributed.OrderedSum(linear.out_features, device))
     handles = [linear.register_forward_hook(_capture(sums[f"{index}.{name}"]))
                for name, linear in linears.items()]
     try:
@@ -187,10 +192,11 @@ def _backward_block(lm, block, index, inputs, grads, sums, device):
             handle.remove()
 
 
-def _capture(acc: torch.Tensor):
-    """A forward hook whose output hook adds the squared output gradient per channel to ``acc``."""
+def _capture(acc: distributed.OrderedSum):
+    """A forward hook whose output hook adds the squared output gradient per channel to ``acc``
+    (one partial per chunk)."""
     def accumulate(grad):
-        ck.channel_sumsq_(acc, grad.detach())
+        acc.add(ck.channel_sumsq_(torch.zeros_like(acc.value), grad.detach()))
 
     def hook(module, args, output):
         output.register_hook(accumulate)

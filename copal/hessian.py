@@ -63,18 +63,19 @@ def hessian_id(directory: Path) -> str:
 
 class HessianState:
     """Read the previous step's blocks from ``previous`` (None at step 1), write this step's
-    (``step``, 1-based) into ``target``. ``weighting``: "tokens" or "datasets"; ``lambda_t``:
-    this step's weight (CopalOptions.step_weight)."""
+    (``step``, 1-based) into ``target`` (None: compute without writing, as the ranks of a group
+    other than rank 0 do, copal.distributed). ``weighting``: "tokens" or "datasets";
+    ``lambda_t``: this step's weight (CopalOptions.step_weight)."""
 
-    def __init__(self, previous: Optional[Path], target: Path, step: int, weighting: str,
-                 lambda_t: float = 1.0):
+    def __init__(self, previous: Optional[Path], target: Optional[Path], step: int,
+                 weighting: str, lambda_t: float = 1.0):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"step weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         if (previous is None) != (step == 1):
             raise ValueError(f"step {step} of a second-order state needs the previous one "
                              "exactly when it is not the first")
         self.previous = Path(previous) if previous is not None else None
-        self.target = Path(target)
+        self.target = Path(target) if target is not None else None
         self.step = step
         self.weighting = weighting
         self.lambda_t = float(lambda_t)
@@ -113,9 +114,10 @@ class HessianState:
             hessians[owner] = step_sum * (2.0 / total)
         metadata = {"format": FORMAT, "steps": str(self.step), "weighting": self.weighting,
                     "inputs": json.dumps(groups), "id": self.id}
-        self.target.mkdir(parents=True, exist_ok=True)
-        write_atomically(block_file(self.target, index),
-                         lambda name: save_file(sums, name, metadata=metadata))
+        if self.target is not None:
+            self.target.mkdir(parents=True, exist_ok=True)
+            write_atomically(block_file(self.target, index),
+                             lambda name: save_file(sums, name, metadata=metadata))
         return hessians
 
 

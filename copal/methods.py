@@ -18,6 +18,7 @@ from torch import nn
 import copal_kernels as ck
 from copal_kernels.obs import MAX_BLOCK_COLUMNS
 
+from .distributed import OrderedSum, reduce_sums, sum_ints
 from .hessian import WEIGHTINGS
 
 
@@ -68,28 +69,50 @@ class LayerStats:
     """What a calibration forward leaves per Linear: input sum of squares, token and sample
     counts, and (if asked) the Gram matrix ``sum x x^T`` for SparseGPT and COPAL's OBS update.
 
-    Linears that read the same input tensor (q/k/v, gate/up) share one Gram matrix: the first
-    of them (``gram_owner`` None) accumulates it, the others hold the same tensor
-    (``gram_owner``: the first one's name)."""
+    Each sum is a :class:`copal.distributed.OrderedSum` of one partial per window (the sum of
+    squares) or per chunk (the Gram matrix), so a group of ranks gets the same bits as one
+    process; :func:`reduce_stats` completes them. Linears that read the same input tensor
+    (q/k/v, gate/up) share one Gram matrix: the first of them (``gram_owner`` None) accumulates
+    it, the others hold the same sum (``gram_owner``: the first one's name)."""
 
     def __init__(self, linear: nn.Linear, gram: bool):
         device = linear.weight.device
-        self.act_sumsq = torch.zeros(linear.in_features, device=device)
-        self.gram = torch.zeros(linear.in_features, linear.in_features, device=device) if gram else None
+        self.act = OrderedSum(linear.in_features, device)
+        self.gram_sum = OrderedSum((linear.in_features,) * 2, device) if gram else None
         self.gram_owner: Optional[str] = None
         self.tokens = 0
         self.samples = 0
+
+    @property
+    def act_sumsq(self) -> torch.Tensor:
+        return self.act.value
+
+    @property
+    def gram(self) -> Optional[torch.Tensor]:
+        return self.gram_sum.value if self.gram_sum is not None else None
 
     def add(self, x: torch.Tensor) -> None:
         # one window at a time: the sums do not depend on how windows are chunked, so masks
         # match a per-sample loop's bit for bit (benchmarks/cpu_wanda_protocol.py)
         for window in (x if x.dim() == 3 else [x]):
-            ck.channel_sumsq_(self.act_sumsq, window)
+            self.act.add(ck.channel_sumsq_(torch.zeros_like(self.act.value), window))
         self.tokens += x.numel() // x.shape[-1]
         self.samples += x.shape[0] if x.dim() == 3 else 1
-        if self.gram is not None and self.gram_owner is None:
+        if self.gram_sum is not None and self.gram_owner is None:
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            self.gram.addmm_(flat.t(), flat)
+            self.gram_sum.add(flat.t() @ flat)
+
+
+def reduce_stats(stats: Dict[str, LayerStats]) -> None:
+    """Complete a block's statistics over every rank (copal.distributed): the sums in the
+    windows' global order, the counts exactly. Nothing to do for a single process."""
+    entries = list(stats.values())
+    reduce_sums([entry.act for entry in entries])
+    reduce_sums([entry.gram_sum for entry in entries
+                 if entry.gram_sum is not None and entry.gram_owner is None])
+    counts = sum_ints([value for entry in entries for value in (entry.tokens, entry.samples)])
+    for entry, tokens, samples in zip(entries, counts[::2], counts[1::2]):
+        entry.tokens, entry.samples = tokens, samples
 
 
 class Method:
@@ -110,11 +133,11 @@ class Method:
 
         def hook(module, args, name):
             x, entry = args[0], stats[name]
-            if entry.gram is not None and name not in seen:
+            if entry.gram_sum is not None and name not in seen:
                 seen.add(name)
                 if x is previous["input"]:
                     owner = stats[previous["name"]].gram_owner or previous["name"]
-                    entry.gram, entry.gram_owner = stats[owner].gram, owner
+                    entry.gram_sum, entry.gram_owner = stats[owner].gram_sum, owner
             previous.update(input=x, name=name)
             entry.add(x.detach())
 

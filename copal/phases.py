@@ -86,10 +86,13 @@ def _sync() -> None:
 
 def progress(iterable, **kwargs):
     """A tqdm bar where a person watches (stderr is a terminal); nothing where output goes to a
-    file or pipe (its redraws would flood it): the verbs log one line per finished step there."""
+    file or pipe (its redraws would flood it): the verbs log one line per finished step there.
+    In a group of ranks only rank 0 shows one."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=None, leave=False, **kwargs)
+    from .distributed import is_writer
+
+    return tqdm(iterable, disable=None if is_writer() else True, leave=False, **kwargs)
 
 
 def phase(timer, name: str):

@@ -6,7 +6,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .methods import Method, Pattern
+from . import distributed
+from .methods import Method, Pattern, reduce_stats
 from .model import LayeredModel
 from .phases import phase, progress
 
@@ -74,7 +75,8 @@ def resolve_batch_size(batch_size, lm: LayeredModel, seq_len: int, device) -> in
     per_window = seq_len * ((6 * config.hidden_size + 3 * config.intermediate_size) * element
                             + 3 * config.vocab_size * 4)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(8, free // 8 // per_window)))
+    # the ranks chunk the windows alike (copal.distributed): the smallest GPU decides
+    return distributed.min_int(int(max(1, min(8, free // 8 // per_window))))
 
 
 def release_pinned_cache() -> None:
@@ -156,6 +158,8 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
     if observes and len(windows) == 0:
         raise ValueError("no calibration windows: the dataset is empty")
     batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)
+    if observes:  # this rank's share (copal.distributed)
+        windows = distributed.local_windows(windows, batch_size, "calibration windows")
     with phase(timer, "embed"):
         chunks = embed_windows(lm, windows, device, batch_size, offload_activations) if observes else []
     blocks = stream_blocks(lm, range(lm.num_blocks), device, block_states, timer)
@@ -170,8 +174,13 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
                     chunks = run_blocks(lm, block, chunks, device, offload_activations)
                 else:
                     observe_blocks(lm, block, chunks, device)
+            with phase(timer, "reduce"):
+                reduce_stats(stats)
             with phase(timer, "kernels"):
                 method.prune_block(index, linears, stats, pattern)
+            if distributed.active():
+                distributed.check_same(distributed.weights_checksum(block),
+                                       f"block {index}'s pruned weights")
             if following and not method.dense_inputs:  # the next block's inputs
                 with phase(timer, "propagate"):
                     chunks = run_blocks(lm, block, chunks, device, offload_activations)
@@ -179,3 +188,4 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
             if on_block_done is not None:
                 on_block_done(index, block)
             lm.unload_block(index)
+    distributed.barrier()  # what rank 0 wrote in on_block_done is there for every rank

@@ -1,0 +1,58 @@
+"""Run by tests/driver/test_distributed.py, alone or under ``torchrun``: the API's verbs on a tiny
+checkpoint, each rank computing its share (copal.distributed); rank 0 writes every output and
+``perplexities.json``. ``fail``: rank 1 raises in the middle of a sweep (the other ranks must stop
+too, not wait forever).
+
+    python -m tests.driver.distributed_worker MODEL CORPUS CORPUS_B OUT [fail]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from copal import distributed
+from copal.api import continue_checkpoint, evaluate_checkpoint, prune_checkpoint
+from copal.methods import CopalOptions, Wanda
+
+RUNS = {  # output name: (method, pattern, COPAL options)
+    "wanda": ("wanda", "50%", None),
+    "sparsegpt": ("sparsegpt", "2:4", None),
+    "copal-grad": ("copal", "4:8", CopalOptions(gradient="lm", aggregation="sum",
+                                                normalisation="mean")),
+    "copal-obs": ("copal", "50%", CopalOptions(weight_update="obs")),
+}
+
+
+def main(model, corpus, corpus_b, out, mode="run"):
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    out = Path(out)
+    quiet = dict(log=lambda *_: None)
+    if mode == "fail":
+        original = Wanda.prune_block
+
+        def failing(self, index, *args):
+            if index == 1 and distributed.rank() == 1:
+                raise RuntimeError("rank 1 fails on purpose")
+            return original(self, index, *args)
+
+        Wanda.prune_block = failing
+    windows = dict(num_calibration=5, seq_len=32, seed=0, batch_size=1)
+    for name, (method, pattern, options) in RUNS.items():
+        prune_checkpoint(model, corpus, out / name, method=method, pattern=pattern,
+                         options=options, **windows, **quiet)
+    for name in ("copal-grad", "copal-obs"):
+        continue_checkpoint(out / name / "copal-state.safetensors", corpus_b, out / f"{name}-2",
+                            **quiet)
+    results = {name: evaluate_checkpoint(str(out / name), [corpus, corpus_b], num_test=5,
+                                         seq_len=32, batch_size=1, tokenizer_from=model)
+               for name in list(RUNS) + ["copal-grad-2", "copal-obs-2"]}
+    if distributed.is_writer():
+        (out / "perplexities.json").write_text(json.dumps(results))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
