@@ -8,9 +8,11 @@ leaves nothing. Checkpoints are streamed block by block: read lazily from the in
 written shard by shard into a staging folder that replaces the output only when complete.
 """
 
+import json
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,6 +31,7 @@ from .methods import CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_p
 from .model import LayeredModel, check_execution, resolve_dtype
 from .outputs import (MARKER, OutputError, WorkDir, check_output_dir, check_output_file,
                       replace_directory, write_marker)
+from .semi_structured import sparsity_config
 from .state import is_state_file, load_state, save_state
 from .sweep import prune_sweep
 from copal_kernels.machine import environment
@@ -83,6 +86,13 @@ def _check_hessian_target(target: Path, overwrite: bool) -> None:
                           f"; it would be replaced by the state {target.name}'s second-order "
                           "blocks: choose another path" + (" or pass --overwrite" if ours and
                                                            target.is_file() else ""))
+
+
+def mark_config(path: Path, entries: dict) -> None:
+    """Add ``entries`` (copal.semi_structured.sparsity_config) to a written config.json."""
+    config = json.loads(path.read_text())
+    config.update(entries)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _land_state(staged: Path, target: Path) -> None:
@@ -147,8 +157,13 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             return {key: tensor.to(lm.stored_dtypes.get(key, tensor.dtype))
                     for key, tensor in tensors.items()}
 
+        zeros, totals = defaultdict(int), defaultdict(int)  # per layer type, for the mark
+
         def write_block(index, block):
             prefix = lm.block_names[index]
+            for name, linear in lm.linears(block).items():
+                zeros[name] += int((linear.weight == 0).sum())
+                totals[name] += linear.weight.numel()
             writer.write_shard(index, stored(
                 {f"{prefix}.{k}": v for k, v in block.state_dict().items()}))
 
@@ -157,6 +172,9 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
 
         def save_extra(staging):
             copy_non_weights(model_dir, staging, skip=(MARKER,))
+            pattern = provenance["pattern"]
+            mark_config(staging / "config.json", sparsity_config(
+                pattern if ":" in pattern else "unstructured", zeros, totals, provenance))
             write_marker(staging, provenance)
             if state is not None:
                 metadata = dict(state[2], hessian_id=written.id) if hessians else state[2]

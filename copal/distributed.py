@@ -22,8 +22,10 @@ checked to agree across ranks (:func:`check_same`). Only rank 0 writes files
 output folder on a shared filesystem (:func:`check_shared_folder`).
 """
 
+import contextlib
 import math
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -79,6 +81,27 @@ def setup(device) -> torch.device:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _Traffic:
+    """What this process spent in the statistics' collectives so far (for the benchmarks):
+    wall seconds, bytes it sent or received, and calls."""
+
+    def __init__(self):
+        self.seconds, self.bytes, self.calls = 0.0, 0, 0
+
+    @contextlib.contextmanager
+    def measure(self, nbytes: int = 0):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.bytes += nbytes
+            self.calls += 1
+
+
+traffic = _Traffic()
 
 
 def _comm_device() -> torch.device:
@@ -144,7 +167,8 @@ def reduce_sums(sums: Iterable[OrderedSum]) -> None:
                                   for s in sums])
             else:
                 flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
-            dist.broadcast(flat, src=source)
+            with traffic.measure(flat.numel() * 4):
+                dist.broadcast(flat, src=source)
             for s, part in zip(sums, flat.split(sizes)):
                 s.value.add_(part.view_as(s.value).to(s.value.device))
     for s in sums:
@@ -155,7 +179,8 @@ def _gather_ints(values: List[int]) -> List[List[int]]:
     """Every rank's list of ``len(values)`` integers, in rank order."""
     mine = torch.tensor(values, dtype=torch.int64, device=_comm_device())
     everyone = [torch.empty_like(mine) for _ in range(world_size())]
-    dist.all_gather(everyone, mine)
+    with traffic.measure(mine.numel() * 8 * world_size()):
+        dist.all_gather(everyone, mine)
     return [t.tolist() for t in everyone]
 
 
@@ -182,7 +207,8 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros((max(counts),) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
     padded[: local.shape[0]] = local.to(device)
     everyone = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(everyone, padded)
+    with traffic.measure(padded.numel() * padded.element_size() * len(counts)):
+        dist.all_gather(everyone, padded)
     return torch.cat([t[:n] for t, n in zip(everyone, counts)]).cpu()
 
 

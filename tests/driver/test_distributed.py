@@ -18,7 +18,8 @@ WORKER = "tests.driver.distributed_worker"
 
 def _launch(ranks, *args, timeout=300):
     """``python -m MODULE_OR_ARGS`` alone (ranks None) or under torchrun with ``ranks``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONPATH=path)
     command = [sys.executable, "-m"]
     if ranks is not None:
         command += ["torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",

@@ -443,8 +443,12 @@ def test_output_is_the_input_in_its_own_dtype_with_its_files_and_permissions(tmp
         path.name: 0o644 for path in out.iterdir()}, "every file of the user's umask"
     for shard in out.glob("model-*.safetensors"):
         assert {t.dtype for t in load_file(shard).values()} == {torch.bfloat16}
-    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+    for name in ("generation_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    config = json.loads((out / "config.json").read_text())  # the input's, plus the sparsity mark
+    assert config.pop("sparsity_config")["sparsity_structure"] == "unstructured"
+    assert config.pop("copal_pruning")["method"] == "sparsegpt"
+    assert config == json.loads((source / "config.json").read_text())
     marker = json.loads((out / MARKER).read_text())
     assert marker["datasets"] == [str(corpus.resolve())] and marker["dtype"] == "float32"
 
