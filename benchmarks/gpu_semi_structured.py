@@ -61,7 +61,6 @@ def bench_layers(rows):
                                  "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4),
                                  "speedup": round(dense_ms / sparse_ms, 2),
                                  "max_rel_err": f"{error:.1e}"})
-                del dense, sparse
     torch.cuda.empty_cache()
 
 

@@ -88,6 +88,33 @@ def _check_hessian_target(target: Path, overwrite: bool) -> None:
                                                            target.is_file() else ""))
 
 
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_save_dtype(save_dtype: Optional[str]) -> None:
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)} (or None: the "
+                         f"input's own dtypes), got {save_dtype!r}")
+
+
+def written_summary(out: Path) -> str:
+    """What a written checkpoint holds, for people: pattern, achieved sparsity per layer type,
+    the tensors' dtypes (from the shards' headers) and the size on disk."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(out) / "config.json").read_text())
+    mark, pruning = config["sparsity_config"], config["copal_pruning"]
+    dtypes, size = set(), 0
+    for shard in sorted(Path(out).glob("*.safetensors")):
+        size += shard.stat().st_size
+        with safe_open(str(shard), framework="pt") as handle:
+            dtypes |= {handle.get_slice(key).get_dtype() for key in handle.keys()}
+    layers = ", ".join(f"{name.rpartition('.')[2]} {value:.1%}"
+                       for name, value in pruning["sparsity_by_layer_type"].items())
+    return (f"  {mark['sparsity_structure']}, {mark['global_sparsity']:.2%} of the block weights "
+            f"zero ({layers}); tensors {', '.join(sorted(dtypes))}; {size / 2**20:.1f} MiB")
+
+
 def mark_config(path: Path, entries: dict) -> None:
     """Add ``entries`` (copal.semi_structured.sparsity_config) to a written config.json."""
     config = json.loads(path.read_text())
@@ -126,7 +153,8 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
                   provenance: dict, state=None) -> Path:
     """Run ``run_sweep(on_block_done, hessian_target)`` writing each finished block as a shard
     of ``out``, each tensor in the dtype the input stores it in (computations may run in
-    another); then copy the input's other files (config, tokenizer, generation config, ...),
+    another), or every float tensor in ``provenance["save_dtype"]`` when it is set (config.json
+    then says so); then copy the input's other files (config, tokenizer, generation config, ...),
     write the provenance marker and ``state`` (``(path, history, metadata, obs)``;
     ``hessian_target``: where the sweep writes the state's second-order blocks when ``obs``,
     else None; the sweep returns their :class:`copal.hessian.HessianState`). A state inside
@@ -153,8 +181,12 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
                 staged = pending.path / path.name
             hessians = hessian_dir(staged) if obs else None
 
+        save_dtype = SAVE_DTYPES.get(provenance.get("save_dtype"))
+
         def stored(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-            return {key: tensor.to(lm.stored_dtypes.get(key, tensor.dtype))
+            return {key: tensor.to(save_dtype if save_dtype is not None and
+                                   tensor.is_floating_point() else
+                                   lm.stored_dtypes.get(key, tensor.dtype))
                     for key, tensor in tensors.items()}
 
         zeros, totals = defaultdict(int), defaultdict(int)  # per layer type, for the mark
@@ -173,8 +205,11 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
         def save_extra(staging):
             copy_non_weights(model_dir, staging, skip=(MARKER,))
             pattern = provenance["pattern"]
-            mark_config(staging / "config.json", sparsity_config(
-                pattern if ":" in pattern else "unstructured", zeros, totals, provenance))
+            entries = sparsity_config(pattern if ":" in pattern else "unstructured", zeros,
+                                      totals, provenance)
+            if save_dtype is not None:  # the keys transformers 5 and 4 read
+                entries.update(dtype=provenance["save_dtype"], torch_dtype=provenance["save_dtype"])
+            mark_config(staging / "config.json", entries)
             write_marker(staging, provenance)
             if state is not None:
                 metadata = dict(state[2], hessian_id=written.id) if hessians else state[2]
@@ -198,7 +233,7 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
                      num_calibration: Optional[int] = None, seq_len: Optional[int] = None,
                      seed: Optional[int] = None, device="cpu", batch_size=None, dtype="auto",
                      offload_activations: bool = False, state_out=None, overwrite: bool = False,
-                     log=print) -> Path:
+                     save_dtype: Optional[str] = None, log=print) -> Path:
     """Prune ``model`` (a checkpoint directory, or ``smollm2-135m``) with ``data``'s calibration
     windows and write the pruned checkpoint to ``out_dir``.
 
@@ -209,10 +244,16 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     other methods default to 32 windows of 512 tokens, seed 0. ``offload_activations`` keeps the
     calibration activations in pinned host memory between blocks (GPU only).
 
+    The written tensors keep the input's dtypes (computations run in ``dtype``); ``save_dtype``
+    (``float32``, ``bfloat16``, ``float16``) writes every float tensor in that one instead, and
+    config.json says so. A summary of what was written is logged (pattern, achieved sparsity per
+    layer type, dtypes, size).
+
     Raises, before any work: ValueError (options), OutputError (``out_dir``, ``state_out``),
     CheckpointError / UnsupportedModelError (the model), DataError (the data)."""
     parsed = Pattern.parse(pattern)
     options = _copal_options(method, options, parsed)
+    _check_save_dtype(save_dtype)
     calibration = dict(num_calibration=num_calibration, seq_len=seq_len, seed=seed,
                        batch_size=batch_size)
     if method == "magnitude":
@@ -258,7 +299,7 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     execution = dict(dtype=str(lm.dtype).removeprefix("torch."), batch_size=batch_size)
     provenance = dict(verb="prune", method=method, pattern=parsed.exact,
                       options=options.to_dict() if options else None, datasets=datasets,
-                      windows=windows, **execution, device=str(device),
+                      windows=windows, **execution, save_dtype=save_dtype, device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       environment=environment())
     state = None
@@ -277,7 +318,7 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
     out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance, state)
     if state_path is not None:
         log(f"COPAL state {state_path}")
-    log(f"pruned checkpoint {out}")
+    log(f"pruned checkpoint {out}\n{written_summary(out)}")
     return out
 
 
@@ -305,7 +346,8 @@ def _check_history_fits(history: Dict[str, LayerHistory], lm: LayeredModel, stat
 def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] = None,
                         device="cpu", batch_size=None, dtype=None,
                         offload_activations: bool = False, state_out=None,
-                        overwrite: bool = False, log=print) -> Path:
+                        overwrite: bool = False, save_dtype: Optional[str] = None,
+                        log=print) -> Path:
     """Add dataset ``data`` to a COPAL run from its saved state alone (no past data): masks are
     recomputed from the dense model with the importance of every step.
 
@@ -315,6 +357,7 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
     the state: ``dtype`` (None: the state's) must be the state's, a ``batch_size`` other than
     the state's is taken and said (its rounding may move near-tied weights, docs/usage.md).
     Raises, before any work: ValueError, OutputError, CheckpointError, DataError."""
+    _check_save_dtype(save_dtype)
     history, meta = load_state(state)
     if dtype is not None and str(resolve_dtype(dtype, device)).removeprefix("torch.") != meta["dtype"]:
         raise ValueError(f"{state}: its steps computed in {meta['dtype']}; continuing in "
@@ -367,7 +410,8 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                 model=str(Path(model_dir).resolve()), batch_size=batch_size)
     provenance = dict(verb="continue", method="copal", pattern=pattern.exact,
                       options=options.to_dict(), datasets=meta["datasets"], windows=windows,
-                      dtype=meta["dtype"], batch_size=batch_size, device=str(device),
+                      dtype=meta["dtype"], batch_size=batch_size, save_dtype=save_dtype,
+                      device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       state=str(Path(state).resolve()), environment=environment())
     sweep = _sweep(lm, dataset.calibration, pruner, pattern, options, history, previous_hessians,
@@ -375,7 +419,7 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                               offload_activations=offload_activations))
     out = _write_pruned(lm, model_dir, out, overwrite, sweep, provenance,
                         (state_path, history, meta, options.obs))
-    log(f"COPAL state {state_path}\npruned checkpoint {out}")
+    log(f"COPAL state {state_path}\npruned checkpoint {out}\n{written_summary(out)}")
     return out
 
 

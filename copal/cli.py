@@ -61,7 +61,7 @@ def _parser(sub, name, **kwargs):
     return sub.add_parser(name, allow_abbrev=False, **kwargs)
 
 
-def _common(parser, calibration=True):
+def _common(parser, calibration=True, writes=True):
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--batch-size", type=_batch_size, default=None,
                         help="windows per forward chunk, or auto (default: 1 on a CPU, from free "
@@ -70,6 +70,10 @@ def _common(parser, calibration=True):
                         help="compute dtype (auto: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--offload-activations", action="store_true",
                         help="GPU only: keep activations in pinned host memory between blocks")
+    if writes:
+        parser.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"],
+                            help="dtype of the written weights (default: each tensor in the "
+                                 "input's own; config.json then names the one given)")
     if calibration:
         parser.add_argument("--num-calibration", type=int, help="calibration windows (default 32)")
         parser.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
@@ -161,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="+", required=True)
     ev.add_argument("--num-test", type=int, default=32)
     ev.add_argument("--seq-len", type=int, default=512)
-    _common(ev, calibration=False)
+    _common(ev, calibration=False, writes=False)
 
     rep = _parser(sub, "report", help="render report.md and plots from results directories")
     rep.add_argument("directories", nargs="+", metavar="directory",
@@ -190,7 +194,7 @@ def _prune(args):
                      num_calibration=args.num_calibration, seq_len=args.seq_len, seed=args.seed,
                      device=args.device, batch_size=args.batch_size, dtype=args.dtype,
                      offload_activations=args.offload_activations, state_out=args.state_out,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, save_dtype=args.save_dtype)
 
 
 def _flag(key: str) -> str:
@@ -265,7 +269,8 @@ def _run(args):
         continue_checkpoint(args.state, args.data, args.out, model=args.model, device=args.device,
                             batch_size=args.batch_size, dtype=args.dtype,
                             offload_activations=args.offload_activations,
-                            state_out=args.state_out, overwrite=args.overwrite)
+                            state_out=args.state_out, overwrite=args.overwrite,
+                            save_dtype=args.save_dtype)
     elif args.command == "evaluate":
         from .api import evaluate_checkpoint
 

@@ -3,12 +3,16 @@ blocks run and (for checkpoints on disk) materialised one at a time.
 
 The parts are found from the config and the module tree (the ModuleList of
 ``config.num_hidden_layers`` blocks, the input/output embeddings, the module holding the rotary
-``inv_freq``), never from name strings; checkpoint keys are the modules' qualified names.
+``inv_freq``; the prunable layers are every nn.Linear inside a block), never from name strings;
+checkpoint keys are the modules' qualified names. Everything around the blocks (embedding scale,
+attention masks, rotary embeddings, final norm, head, soft-capping) runs through the model's own
+forward (:meth:`LayeredModel._trace`).
 """
 
+import contextlib
+import copy
 import ctypes
 import hashlib
-import inspect
 import json
 from pathlib import Path
 from typing import Dict, Optional
@@ -19,7 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint import CheckpointError, ShardReader, read_config_json, tensor_digest
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# decoders whose blocks are attention + MLP of nn.Linear layers, with one rotary embedding, run
+# through the model's own forward (tests/driver/test_model.py checks each against it)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite",
+                         "gemma2", "gemma3_text")
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -69,6 +76,12 @@ class UnsupportedModelError(ValueError):
 
 def _check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:
+        raise UnsupportedModelError(
+            f"{model_type!r} is a mixture-of-experts model ({experts} experts a block); its "
+            "experts are not pruned by this version (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -94,35 +107,49 @@ class LayeredModel:
         self.source = source
         self.stored_dtypes: Dict[str, torch.dtype] = {}  # checkpoint key -> dtype on disk
         self.dtype = next(model.get_input_embeddings().parameters()).dtype
-        base = model.base_model
+        # the decoder (the module that runs the blocks): the parent of the one ModuleList of
+        # config.num_hidden_layers modules
+        lists = [name for name, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers]
+        base = model.get_submodule(lists[0].rpartition(".")[0]) if len(lists) == 1 else model
+        self.base = base
         blocks = [m for m in base.children()
                   if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers]
-        rotary = [m for m in base.children() if hasattr(m, "inv_freq")]
-        if len(blocks) != 1 or len(rotary) != 1:
+        # rotary embeddings: buffers, no weights (Gemma 3 in transformers 4.x has two)
+        self.rotaries = [m for m in base.children() if next(m.buffers(), None) is not None
+                         and next(m.parameters(), None) is None]
+        if len(blocks) != 1 or not self.rotaries:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: cannot find one list of {model.config.num_hidden_layers} "
-                "decoder blocks and one rotary embedding"
+                "decoder blocks and a rotary embedding"
             )
         self.blocks: nn.ModuleList = blocks[0]
-        self.rotary = rotary[0]
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
         # qualified module names are the checkpoint keys' prefixes
         self.module_names = {id(module): name for name, module in model.named_modules()}
         others = [m for m in base.children()
-                  if m is not self.blocks and m is not self.rotary and m is not self.embed
+                  if m is not self.blocks and m not in self.rotaries and m is not self.embed
                   and any(True for _ in m.parameters())]
         if len(others) != 1:
             raise UnsupportedModelError(f"{type(model).__name__}: cannot find the final norm")
         self.norm = others[0]
         self.block_names = [self.module_names[id(block)] for block in self.blocks]
+        parent, _, attribute = self.module_names[id(self.blocks)].rpartition(".")
+        self._blocks_parent = (model.get_submodule(parent), attribute)
+        self._block_index = {id(block): index for index, block in enumerate(self.blocks)}
+        self._tuples = [None]  # whether the model's forward expects blocks to return tuples
+        self._context_key = self._context = None
         for index, block in enumerate(self.blocks):
             linears = self.linears(block)
-            if len(linears) != 7:
+            in_linears = {id(m.weight) for m in linears.values()}
+            stacked = [name for name, p in block.named_parameters()
+                       if p.dim() >= 2 and id(p) not in in_linears]
+            if not linears or stacked:
                 raise UnsupportedModelError(
-                    f"block {index} has {len(linears)} Linear layers, expected 7 "
-                    "(q, k, v, o, gate, up, down)"
-                )
+                    f"block {index}: " + (f"{stacked[0]} is a weight outside any nn.Linear "
+                                          "(stacked mixture-of-experts weights are not supported)"
+                                          if stacked else "no nn.Linear layer to prune"))
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -209,7 +236,7 @@ class LayeredModel:
         return params
 
     def _materialise_outer(self) -> None:
-        """Load every parameter outside the blocks and rebuild the rotary buffers on the host."""
+        """Load every parameter outside the blocks and rebuild their buffers on the host."""
         names = self.module_names
         block_ids = {id(p) for p in self.blocks.parameters()}
         wanted = {}
@@ -229,11 +256,34 @@ class LayeredModel:
             if not tied and head_key not in self.reader.weight_map:
                 raise CheckpointError(f"{self.source}: no {head_key} and embeddings are not tied")
             self.head.weight = self.embed.weight
-        rotary_name = names[id(self.rotary)].rsplit(".", 1)
-        fresh = type(self.rotary)(config=self.config)
-        parent = self.model.get_submodule(rotary_name[0]) if len(rotary_name) == 2 else self.model
-        setattr(parent, rotary_name[-1], fresh)
-        self.rotary = fresh
+        self._rebuild_outer_buffers()
+
+    def _rebuild_outer_buffers(self) -> None:
+        """The buffers outside the blocks (rotary frequencies, Gemma's embedding scale), which a
+        model built on the meta device lacks, computed by the model class itself: a one-block
+        twin of the config is built on the host and its buffers copied by name."""
+        block_buffers = {id(b) for b in self.blocks.buffers()}
+        missing = {name: b for name, b in self.model.named_buffers()
+                   if b.is_meta and id(b) not in block_buffers}
+        if not missing:
+            return
+        small = copy.deepcopy(self.config)  # one block of each layer type
+        small.num_hidden_layers = 1
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = list(dict.fromkeys(small.layer_types))
+            small.num_hidden_layers = len(small.layer_types)
+        small.intermediate_size, small.vocab_size = 8, 8
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if isinstance(getattr(small, key, None), int):
+                setattr(small, key, 0)
+        twin = dict(AutoModelForCausalLM.from_config(small, dtype=self.dtype).named_buffers())
+        for name, buffer in missing.items():
+            made = twin.get(name)
+            if made is None or made.shape != buffer.shape:
+                raise UnsupportedModelError(f"{type(self.model).__name__}: cannot rebuild its "
+                                            f"buffer {name} when streaming the checkpoint")
+            owner, _, attribute = name.rpartition(".")
+            self.model.get_submodule(owner)._buffers[attribute] = made.clone()
 
     # ---- blocks -------------------------------------------------------------------------------
     @property
@@ -330,26 +380,116 @@ class LayeredModel:
         return digest.hexdigest()[:32]
 
     # ---- running ------------------------------------------------------------------------------
+    # The parts around the blocks run through the model's own forward (transformers' code), with
+    # every decoder layer replaced by a probe: what a layer receives (its attention mask from
+    # transformers' mask utilities: causal, sliding-window or per-layer ``layer_types``; its
+    # rotary embeddings, per layer type where a model has several; positions) and what the model
+    # does to the embeddings and the final hidden states (Gemma's scaling, Granite's multipliers,
+    # logit soft-capping) are exactly the model's, in every transformers version it runs on.
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
+        """Token ids [B, S] -> the first block's input [B, S, H], as the model computes it."""
+        seen = self._trace(input_ids=input_ids, stop_at=0)
+        return seen[0][0]
 
     def block_context(self, hidden: torch.Tensor):
-        """(position_embeddings, attention_mask, position_ids) for a batch of full windows."""
-        batch, seq = hidden.shape[:2]
-        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
-        self.rotary.to(hidden.device)
-        position_embeddings = self.rotary(hidden, position_ids)
-        mask = _causal_mask(self.config, hidden, position_ids)
-        return position_embeddings, mask, position_ids
+        """What the model gives each block for a batch of full windows shaped like ``hidden``
+        [B, S, H]: per block index, its keyword arguments (attention mask, rotary embeddings,
+        positions). Cached for the last shape, device and dtype."""
+        key = (tuple(hidden.shape[:2]), hidden.device, hidden.dtype)
+        if self._context_key != key:
+            ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            seen = self._trace(input_ids=ids)
+            self._context = {index: record[1] for index, record in seen.items()}
+            self._context_key = key
+        return self._context
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context) -> torch.Tensor:
-        position_embeddings, mask, position_ids = context
-        output = block(hidden, attention_mask=mask, position_ids=position_ids,
-                       position_embeddings=position_embeddings, use_cache=False)
+        output = block(hidden, **context[self._block_index[id(block)]])
         return output[0] if isinstance(output, tuple) else output  # 4.x returns a tuple
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden))
+        """The last block's output [B, S, H] -> logits [B, S, V], through the model's own final
+        norm, head and whatever its forward does after them (soft-capping, scaling)."""
+        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        self._outer_to(hidden.device, head=True)
+        with self._probes(stop_at=None, seen={}):
+            handle = self.norm.register_forward_pre_hook(lambda module, args: (hidden,) + args[1:])
+            try:
+                return self.model(input_ids=ids, use_cache=False).logits
+            finally:
+                handle.remove()
+
+    def _trace(self, stop_at: Optional[int] = None, **inputs) -> Dict[int, tuple]:
+        """Run the base model's forward on ``inputs`` with probes for the blocks: {index:
+        (hidden input, keyword arguments)}; stops at block ``stop_at`` or before the final norm."""
+        seen: Dict[int, tuple] = {}
+        self._outer_to(inputs["input_ids"].device)
+        with self._probes(stop_at, seen):
+            handle = self.norm.register_forward_pre_hook(_stop)
+            try:
+                self.base(**inputs, use_cache=False)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+        if len(seen) < (len(self.blocks) if stop_at is None else stop_at + 1):
+            raise UnsupportedModelError(f"{type(self.model).__name__}: its forward did not run "
+                                        "every decoder block in order")
+        return seen
+
+    def _outer_to(self, device, head: bool = False) -> None:
+        """The modules the traced forward runs outside the blocks onto ``device`` (where they
+        already are, after the first call); the final norm and head only for logits."""
+        for module in [self.embed, *self.rotaries] + ([self.norm, self.head] if head else []):
+            module.to(device)
+
+    @contextlib.contextmanager
+    def _probes(self, stop_at, seen):
+        """The blocks replaced by :class:`_Probe` in the model while the context runs."""
+        probes = nn.ModuleList(_Probe(index, block, seen, stop_at, self._tuples)
+                               for index, block in enumerate(self.blocks))
+        parent, name = self._blocks_parent
+        setattr(parent, name, probes)
+        try:
+            yield
+        finally:
+            setattr(parent, name, self.blocks)
+
+
+class _Stop(Exception):
+    """Ends a traced forward once what was needed is recorded."""
+
+
+def _stop(module, args):
+    raise _Stop
+
+
+class _Probe(nn.Module):
+    """Stands in for decoder block ``index`` during a traced forward: records the hidden states
+    and keyword arguments the model passes it and returns the hidden states unchanged, as a
+    tensor or as a 1-tuple, as the model's version expects (``tuples``: a one-element list,
+    found on the first trace from whether the next block receives what this one returned)."""
+
+    def __init__(self, index, block, seen, stop_at, tuples):
+        super().__init__()
+        self.index, self.seen, self.stop_at, self.tuples = index, seen, stop_at, tuples
+        for attribute in ("attention_type", "layer_type", "is_sliding"):  # read by some forwards
+            if hasattr(block, attribute):
+                setattr(self, attribute, getattr(block, attribute))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise UnsupportedModelError("the model passes its decoder blocks positional "
+                                        "arguments beyond the hidden states")
+        previous = self.seen.get(self.index - 1)
+        if previous is not None and self.tuples[0] is None:
+            self.tuples[0] = hidden_states is not previous[2]
+        context = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        self.seen[self.index] = (hidden_states, context, hidden_states)
+        if self.index == self.stop_at:
+            raise _Stop
+        return (hidden_states,) if self.tuples[0] else hidden_states
 
 
 # the config fields that decide what a LLaMA-family model computes, beside its tensors
@@ -358,8 +498,20 @@ _ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hid
                       "rms_norm_eps", "hidden_act", "tie_word_embeddings", "sliding_window")
 
 
+# fields that only some architectures have: in the fingerprint where set (so the fingerprints
+# of the architectures supported before them stay what their states recorded)
+_OPTIONAL_ARCHITECTURE_KEYS = ("layer_types", "use_sliding_window", "attn_logit_softcapping",
+                               "final_logit_softcapping", "query_pre_attn_scalar",
+                               "embedding_multiplier", "residual_multiplier",
+                               "attention_multiplier", "logits_scaling", "rope_local_base_freq")
+
+
 def _architecture(config) -> dict:
     fields = {key: getattr(config, key, None) for key in _ARCHITECTURE_KEYS}
+    for key in _OPTIONAL_ARCHITECTURE_KEYS:
+        value = getattr(config, key, None)
+        if value and not (key == "layer_types" and set(value) == {"full_attention"}):
+            fields[key] = value
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     fields["rope_theta"] = getattr(config, "rope_theta", None) or (
         rope.get("rope_theta") if isinstance(rope, dict) else None)
@@ -383,28 +535,3 @@ def _release_host_memory() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
-
-
-_MASK_PARAMS = None
-
-
-def _causal_mask(config, hidden, position_ids):
-    """The causal mask the blocks expect (None under sdpa), across transformers versions whose
-    ``create_causal_mask`` parameters differ."""
-    global _MASK_PARAMS
-    from transformers.masking_utils import create_causal_mask
-
-    if _MASK_PARAMS is None:
-        _MASK_PARAMS = list(inspect.signature(create_causal_mask).parameters)
-    seq = hidden.shape[1]
-    values = {
-        "config": config,
-        "input_embeds": hidden,
-        "inputs_embeds": hidden,
-        "attention_mask": None,
-        "cache_position": torch.arange(seq, device=hidden.device),
-        "past_key_values": None,
-        "cache": None,
-        "position_ids": position_ids,
-    }
-    return create_causal_mask(**{name: values[name] for name in _MASK_PARAMS if name in values})

@@ -122,23 +122,34 @@ class _Observed(Exception):
 
 def observe_blocks(lm: LayeredModel, block, chunks: List[torch.Tensor], device) -> None:
     """Every chunk through ``block`` for the hooks' sake (the calibration statistics), stopping
-    each chunk at the input of the block's last Linear (``down_proj`` in the supported
-    architectures, whose modules are declared in the order they run): its matmul and the
-    residual add would only make an output that nobody reads (a quarter of an MLP's FLOPs)."""
-    last = list(lm.linears(block).values())[-1]
+    each chunk at the input of the Linear that runs last (``down_proj`` in the supported
+    architectures): its matmul and what follows would only make an output that nobody reads (a
+    quarter of an MLP's FLOPs). Which Linear runs last is seen on the first chunk, which runs
+    whole, so the stop never comes before a Linear that the block runs after it."""
+    order = []
+    watch = [linear.register_forward_pre_hook(lambda module, args: order.append(module))
+             for linear in lm.linears(block).values()]
 
     def stop(module, args):
         raise _Observed
 
-    handle = last.register_forward_pre_hook(stop)  # after the statistics hooks: they run first
+    handle = None
     try:
-        for hidden in chunks:
+        for position, hidden in enumerate(chunks):
+            if position == 1:
+                for hook in watch:
+                    hook.remove()
+                # after the statistics hooks: they run first
+                handle = order[-1].register_forward_pre_hook(stop)
             try:
                 run_blocks(lm, block, [hidden], device)
             except _Observed:
                 pass
     finally:
-        handle.remove()
+        for hook in watch:
+            hook.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern: Pattern, *,

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from copal.checkpoint import CheckpointError
 from copal.model import LayeredModel, UnsupportedModelError
 
-from .tiny import ARCHITECTURES, tiny_model
+from .tiny import ARCHITECTURES, SLIDING, tiny_model
 
 
 def _blockwise_logits(lm, ids):
@@ -21,9 +21,13 @@ def _blockwise_logits(lm, ids):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", list(ARCHITECTURES) + [f"{a}+sliding" for a in SLIDING])
 def test_blockwise_forward_equals_full_forward(arch, attn, tmp_path):
-    model = tiny_model(arch, attn=attn, tied=arch == "llama")
+    """Every architecture with what its config switches on (Granite's multipliers, Qwen3's and
+    OLMo2's q/k norms, Phi-3's fused projections; sliding windows of 8 on windows of 24, on every
+    layer or per ``layer_types``): the model's own attention masks and scalings."""
+    arch, _, sliding = arch.partition("+")
+    model = tiny_model(arch, attn=attn, tied=arch == "llama", sliding=bool(sliding))
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     with torch.no_grad():
         expected = model(ids).logits
@@ -43,6 +47,17 @@ def test_unsupported_architecture(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         LayeredModel.from_checkpoint(tmp_path)
+
+
+def test_mixture_of_experts_is_refused_clearly():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=16,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=1, num_local_experts=4))
+    with pytest.raises(UnsupportedModelError, match="'mixtral' is a mixture-of-experts model "
+                                                    r"\(4 experts a block\)"):
+        LayeredModel.from_model(model)
 
 
 def test_missing_and_corrupt_shards(checkpoint, tmp_path):

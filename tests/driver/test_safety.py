@@ -453,6 +453,23 @@ def test_output_is_the_input_in_its_own_dtype_with_its_files_and_permissions(tmp
     assert marker["datasets"] == [str(corpus.resolve())] and marker["dtype"] == "float32"
 
 
+def test_save_dtype_writes_every_float_tensor_in_it_and_says_so(tmp_path, corpus, capsys):
+    model = tiny_model().to(torch.bfloat16)
+    source = tmp_path / "bf16"
+    model.save_pretrained(source)
+    word_tokenizer(96).save_pretrained(source)
+    assert _prune(source, corpus, tmp_path / "out", "--save-dtype", "float16") == 0
+    out = tmp_path / "out"
+    for shard in out.glob("model-*.safetensors"):
+        assert {t.dtype for t in load_file(shard).values()} == {torch.float16}
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float16"
+    assert "tensors F16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _prune(source, corpus, tmp_path / "other", "--save-dtype", "int8")
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_checkpoints_whose_config_does_not_match_their_tensors(checkpoint, corpus, tmp_path,
                                                                capsys):
     fewer = tmp_path / "fewer"

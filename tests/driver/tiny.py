@@ -5,13 +5,42 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+}
+# what each architecture switches on beyond a plain LLaMA, set to values that change the output
+EXTRA = {
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                    logits_scaling=4.0),
+    "phi3": dict(pad_token_id=0),
+    # Gemma: embeddings scaled by sqrt(hidden), attention and final logits soft-capped (Gemma 2),
+    # q/k norms and two rotary bases (Gemma 3), local (sliding) and global layers alternating
+    "gemma2": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=8, pad_token_id=0,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=8, pad_token_id=0,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_local_base_freq=100.0),
+}
+# sliding-window attention shorter than the test windows: Mistral's on every layer, Qwen2's and
+# Qwen3's per layer (layer_types) from max_window_layers on
+SLIDING = {
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen3": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
 }
 WORDS = ("the of and to in is was for on as with by at from his her an were which are this "
          "that be or had not but all one their also has its have after first new two who "
@@ -20,12 +49,16 @@ WORDS = ("the of and to in is was for on as with by at from his her an were whic
 
 
 def tiny_model(arch: str = "llama", *, vocab: int = 96, hidden: int = 32, layers: int = 2,
-               intermediate: int = 48, attn: str = "sdpa", seed: int = 0, tied: bool = True):
+               intermediate: int = 48, attn: str = "sdpa", seed: int = 0, tied: bool = True,
+               sliding: bool = False):
     config_cls, model_cls = ARCHITECTURES[arch]
+    if arch == "gemma2":  # soft-capped attention has no sdpa path in transformers
+        attn = "eager"
     config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=256, tie_word_embeddings=tied,
-                        attn_implementation=attn)
+                        attn_implementation=attn, **EXTRA.get(arch, {}),
+                        **(SLIDING[arch] if sliding else {}))
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
