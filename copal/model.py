@@ -267,7 +267,24 @@ class LayeredModel:
                    if b.is_meta and id(b) not in block_buffers}
         if not missing:
             return
-        small = copy.deepcopy(self.config)  # one block of each layer type
+        made = None
+        for one_head in (True, False):  # a one-head twin where the config takes head_dim
+            twin = self._twin_buffers(one_head)
+            if all(name in twin and twin[name].shape == b.shape for name, b in missing.items()):
+                made = twin
+                break
+        if made is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: cannot rebuild its "
+                                        f"buffers {', '.join(missing)} when streaming the "
+                                        "checkpoint")
+        for name in missing:
+            owner, _, attribute = name.rpartition(".")
+            self.model.get_submodule(owner)._buffers[attribute] = made[name].clone()
+
+    def _twin_buffers(self, one_head: bool) -> Dict[str, torch.Tensor]:
+        """The buffers of a small host model of this config: one block of each layer type, a
+        tiny vocabulary and MLP, and (``one_head``) one attention head of the same width."""
+        small = copy.deepcopy(self.config)
         small.num_hidden_layers = 1
         if isinstance(getattr(small, "layer_types", None), list):
             small.layer_types = list(dict.fromkeys(small.layer_types))
@@ -276,14 +293,14 @@ class LayeredModel:
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if isinstance(getattr(small, key, None), int):
                 setattr(small, key, 0)
-        twin = dict(AutoModelForCausalLM.from_config(small, dtype=self.dtype).named_buffers())
-        for name, buffer in missing.items():
-            made = twin.get(name)
-            if made is None or made.shape != buffer.shape:
-                raise UnsupportedModelError(f"{type(self.model).__name__}: cannot rebuild its "
-                                            f"buffer {name} when streaming the checkpoint")
-            owner, _, attribute = name.rpartition(".")
-            self.model.get_submodule(owner)._buffers[attribute] = made.clone()
+        if one_head:
+            small.head_dim = (getattr(self.config, "head_dim", None)
+                              or self.config.hidden_size // self.config.num_attention_heads)
+            small.num_attention_heads = small.num_key_value_heads = 1
+        try:
+            return dict(AutoModelForCausalLM.from_config(small, dtype=self.dtype).named_buffers())
+        except (ValueError, TypeError, RuntimeError):
+            return {}
 
     # ---- blocks -------------------------------------------------------------------------------
     @property
