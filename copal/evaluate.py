@@ -17,7 +17,9 @@ def perplexities(lm: LayeredModel, test_sets: Dict[str, torch.Tensor], *, device
                  offload_activations: bool = False, desc: str = "evaluate") -> Dict[str, float]:
     """exp(mean next-token NLL over all predicted tokens) of each set of windows [N, S]; all sets
     go through each block together, so every block is loaded once. A perplexity that is not a
-    finite number (NaN or Inf logits) raises ValueError naming the set."""
+    finite number (NaN or Inf logits) raises ValueError naming the set. In a group of ranks each
+    runs its share of the windows; the per-window NLL sums are gathered and added in the
+    windows' order, so every rank returns the single process's numbers."""
     names = list(test_sets)
     windows = torch.cat([test_sets[n] for n in names])
     batch_size = resolve_batch_size(batch_size, lm, windows.shape[1], device)

@@ -93,7 +93,10 @@ def gradient_norms(lm: LayeredModel, windows: torch.Tensor, *, device="cpu", bat
     """{"<block>.<layer>": fp32 [out]} on the host, from token windows [N, S].
 
     ``micro_batch`` and ``segment`` default to :func:`plan_gradient_pass` for ``host_budget``
-    bytes of kept block inputs (default a quarter of host memory). The result does not depend
+    bytes of kept block inputs (default a quarter of host memory); rounds hold whole chunks of
+    ``batch_size`` windows (``micro_batch`` is rounded down to a multiple of it, at least one
+    chunk). In a group of ranks (copal.distributed) each rank takes its share of the windows
+    and the sums are reduced in the windows' order. The result does not depend
     on them (up to fp32 summation order across rounds): every round's loss is normalised by all
     N x (S - 1) predicted tokens.
     """

@@ -164,6 +164,11 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
     it to an output checkpoint). ``offload_activations`` keeps the calibration activations in
     pinned host memory between blocks, moving one chunk at a time to the device. ``timer``
     (:class:`copal.phases.PhaseTimer`) collects the time of each phase.
+
+    In a group of ranks (copal.distributed) each rank observes its share of the windows, each
+    block's statistics are reduced in the windows' order before its masks are made, every rank
+    prunes alike (checked), and the sweep ends with a barrier, after which what rank 0 wrote in
+    ``on_block_done`` is there for all.
     """
     observes = method.needs_acts or method.needs_gram
     if observes and len(windows) == 0:
