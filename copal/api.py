@@ -550,14 +550,23 @@ class ContinualPruner:
     def save_state(self, path, *, datasets: List[str], seed: Optional[int] = None,
                    overwrite: bool = False) -> Path:
         """COPAL's state after the steps so far (``datasets``: their names, in order), written
-        atomically; an existing file is replaced only with ``overwrite`` and if it is a state."""
+        atomically; an existing file is replaced only with ``overwrite`` and if it is a state.
+        In a group of ranks (copal.distributed) rank 0 writes it (every rank holds the same)."""
         if self.spec.method != "copal" or not self.steps:
             raise ValueError("only a COPAL pruner with at least one step has a state")
         if len(datasets) != self.steps:
             raise ValueError(f"datasets names {len(datasets)} dataset(s) for {self.steps} step(s)")
+        return distributed.from_writer(
+            lambda: self._write_state(self._state_target(path, overwrite), datasets, seed))
+
+    @staticmethod
+    def _state_target(path, overwrite: bool) -> Path:
         target = check_output_file(path, overwrite=overwrite, what="state file",
                                    is_ours=is_state_file)
         _check_hessian_target(target, overwrite)
+        return target
+
+    def _write_state(self, target: Path, datasets: List[str], seed: Optional[int]) -> Path:
         metadata = state_metadata(
             getattr(self.lm.model.config, "_name_or_path", ""), self.model_fingerprint, datasets,
             self.spec.options, self.pattern, num_calibration=self.window_shape[0],

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from copal import distributed
-from copal.api import continue_checkpoint, evaluate_checkpoint, prune_checkpoint
+from copal.api import (ContinualPruner, continue_checkpoint, evaluate_checkpoint,
+                       prune_checkpoint)
 from copal.methods import CopalOptions, Wanda
 
 RUNS = {  # output name: (method, pattern, COPAL options)
@@ -46,6 +49,19 @@ def main(model, corpus, corpus_b, out, mode="run"):
     for name in ("copal-grad", "copal-obs"):
         continue_checkpoint(out / name / "copal-state.safetensors", corpus_b, out / f"{name}-2",
                             **quiet)
+    # the library's in-memory pruner: two COPAL-OBS steps, each rank its share of the windows
+    in_memory = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    pruner = ContinualPruner(in_memory, method="copal", pattern="2:4", batch_size=1,
+                             options=CopalOptions(weight_update="obs"))
+    for seed in range(2):
+        pruner.step(torch.randint(0, in_memory.config.vocab_size, (5, 32),
+                                  generator=torch.Generator().manual_seed(seed)))
+    if distributed.is_writer():
+        (out / "pruner").mkdir()
+    pruner.save_state(out / "pruner" / "state.safetensors", datasets=["a", "b"])
+    if distributed.is_writer():
+        save_file({k: v.clone() for k, v in in_memory.state_dict().items()},
+                  out / "pruner" / "model.safetensors")
     results = {name: evaluate_checkpoint(str(out / name), [corpus, corpus_b], num_test=5,
                                          seq_len=32, batch_size=1, tokenizer_from=model)
                for name in list(RUNS) + ["copal-grad-2", "copal-obs-2"]}
