@@ -28,7 +28,7 @@ from .data import check_window_counts, make_dataset, source_name
 from .evaluate import perplexities
 from .hessian import check_hessian_dir, hessian_dir, step_dir
 from .methods import CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_pattern, make_method
-from .model import LayeredModel, check_execution, resolve_dtype
+from .model import DTYPE_NAMES, LayeredModel, check_execution, resolve_dtype
 from .outputs import (MARKER, OutputError, WorkDir, check_output_dir, check_output_file,
                       replace_directory, write_marker)
 from .semi_structured import sparsity_config
@@ -88,12 +88,9 @@ def _check_hessian_target(target: Path, overwrite: bool) -> None:
                                                            target.is_file() else ""))
 
 
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _check_save_dtype(save_dtype: Optional[str]) -> None:
-    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
-        raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)} (or None: the "
+    if save_dtype is not None and save_dtype not in DTYPE_NAMES:
+        raise ValueError(f"save_dtype must be one of {', '.join(DTYPE_NAMES)} (or None: the "
                          f"input's own dtypes), got {save_dtype!r}")
 
 
@@ -181,7 +178,8 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
                 staged = pending.path / path.name
             hessians = hessian_dir(staged) if obs else None
 
-        save_dtype = SAVE_DTYPES.get(provenance.get("save_dtype"))
+        save_name = provenance.get("save_dtype")
+        save_dtype = getattr(torch, save_name) if save_name else None
 
         def stored(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             return {key: tensor.to(save_dtype if save_dtype is not None and

@@ -25,7 +25,7 @@ from .data import DataError
 from .methods import (CALIBRATION_INPUTS, DEFAULT_AGGREGATION, DEFAULT_GRADIENT,
                       DEFAULT_NORMALISATION, GRADIENTS, GROUPS, MASK_DEFAULTS, METHODS,
                       NORMALISATIONS, OBS_DEFAULTS, STEP_WEIGHTINGS, WEIGHT_UPDATES, CopalOptions)
-from .model import UnsupportedModelError
+from .model import DTYPE_NAMES, UnsupportedModelError
 from .outputs import OutputError
 
 COPAL_FLAGS = ("gradient", "aggregation", "normalisation", "group", "step_weights", "weight_update",
@@ -66,12 +66,12 @@ def _common(parser, calibration=True, writes=True):
     parser.add_argument("--batch-size", type=_batch_size, default=None,
                         help="windows per forward chunk, or auto (default: 1 on a CPU, from free "
                              "memory on a GPU)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                         help="compute dtype (auto: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--offload-activations", action="store_true",
                         help="GPU only: keep activations in pinned host memory between blocks")
     if writes:
-        parser.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"],
+        parser.add_argument("--save-dtype", choices=DTYPE_NAMES,
                             help="dtype of the written weights (default: each tensor in the "
                                  "input's own; config.json then names the one given)")
     if calibration:
@@ -202,7 +202,6 @@ def _flag(key: str) -> str:
 
 
 def _experiment(args):
-    from . import distributed
     from .experiment import ExperimentConfig, run_experiment
 
     config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
@@ -216,18 +215,19 @@ def _experiment(args):
                 raise ValueError(f"--set {item}: the value is not JSON (strings need quotes: "
                                  f"{key}='\"...\"')") from None
         config = ExperimentConfig.from_dict(data)
-    if distributed.launched():
-        device = str(distributed.setup(config.device))
+    device = _join_group(config.device)
+    if device != config.device:
         config = ExperimentConfig.from_dict(dict(config.to_dict(), device=device))
-        if not distributed.is_writer():
-            sys.stdout = open(os.devnull, "w")
     run_experiment(config, args.out, overwrite=args.overwrite)
 
 
 def _report(args):
+    from .distributed import launched
     from .experiment import check_report_dir, merge_results, read_results
     from .report import print_summary, write_report
 
+    if launched():
+        raise ValueError("copal report renders files and runs in one process, not under torchrun")
     if len(args.directories) > 1 and not args.out:
         raise ValueError("several results directories need --out for the merged report")
     parts = []
@@ -243,22 +243,22 @@ def _report(args):
     print(f"report {write_report(results, out)}")
 
 
-def _join_group(args) -> None:
-    """Under torchrun: join the process group, compute on this rank's device, and leave the
-    printing to rank 0 (copal.distributed)."""
+def _join_group(device: str) -> str:
+    """Under torchrun: join the process group and leave the printing to rank 0; returns the
+    device this rank computes on (copal.distributed). Alone: ``device`` as it is."""
     from . import distributed
 
     if not distributed.launched():
-        return
-    if args.command == "report":
-        raise ValueError("copal report renders files and runs in one process, not under torchrun")
-    if args.command != "experiment":
-        args.device = str(distributed.setup(args.device))
+        return device
+    device = str(distributed.setup(device))
     if not distributed.is_writer():
         sys.stdout = open(os.devnull, "w")
+    return device
 
 
 def _run(args):
+    if args.command in ("prune", "continue", "evaluate"):
+        args.device = _join_group(args.device)
     if args.command == "experiment":
         _experiment(args)
     elif args.command == "prune":
@@ -318,7 +318,6 @@ def main(argv=None) -> int:
             except ValueError:  # not the main thread: leave signals alone
                 pass
     try:
-        _join_group(args)
         _run(args)
     except KeyboardInterrupt as stop:
         cause = str(stop) if isinstance(stop, Terminated) else "Ctrl-C"

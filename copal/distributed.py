@@ -137,8 +137,8 @@ class OrderedSum:
     Alone, each partial is added as it comes; in a group, a rank keeps its partials until
     :func:`reduce_sums`. Partials must be added in the order of this rank's units."""
 
-    def __init__(self, shape, device, dtype=torch.float32):
-        self.value = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, shape, device):
+        self.value = torch.zeros(shape, device=device, dtype=torch.float32)
         self.partials: Optional[List[torch.Tensor]] = [] if active() else None
 
     def add(self, partial: torch.Tensor) -> None:

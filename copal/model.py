@@ -29,6 +29,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", 
                          "gemma2", "gemma3_text")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute and save dtypes, by torch's names
+
+
 def resolve_dtype(dtype, device) -> torch.dtype:
     """``"auto"``: bf16 on a GPU, fp32 on a CPU (CPUs without bf16 matrix units, such as the
     project's 2-core machines, run bf16 matmuls several times slower than fp32)."""
@@ -36,7 +39,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return getattr(torch, dtype)
 
@@ -500,10 +503,10 @@ class _Probe(nn.Module):
             raise UnsupportedModelError("the model passes its decoder blocks positional "
                                         "arguments beyond the hidden states")
         previous = self.seen.get(self.index - 1)
-        if previous is not None and self.tuples[0] is None:
-            self.tuples[0] = hidden_states is not previous[2]
+        if previous is not None and self.tuples[0] is None:  # what the previous probe returned
+            self.tuples[0] = hidden_states is not previous[0]
         context = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        self.seen[self.index] = (hidden_states, context, hidden_states)
+        self.seen[self.index] = (hidden_states, context)
         if self.index == self.stop_at:
             raise _Stop
         return (hidden_states,) if self.tuples[0] else hidden_states
