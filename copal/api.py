@@ -188,14 +188,14 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
                     for key, tensor in tensors.items()}
 
         zeros, totals = defaultdict(int), defaultdict(int)  # per layer type, for the mark
+        routers = set()
 
         def write_block(index, block):
-            prefix = lm.block_names[index]
+            routers.update(lm.routers(block))
             for name, linear in lm.linears(block).items():
                 zeros[name] += int((linear.weight == 0).sum())
                 totals[name] += linear.weight.numel()
-            writer.write_shard(index, stored(
-                {f"{prefix}.{k}": v for k, v in block.state_dict().items()}))
+            writer.write_shard(index, stored(lm.checkpoint_state(index, block)))
 
         written = run_sweep(write_block, hessians)
         writer.write_shard(lm.num_blocks, stored(lm.outer_state()))
@@ -204,7 +204,7 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             copy_non_weights(model_dir, staging, skip=(MARKER,))
             pattern = provenance["pattern"]
             entries = sparsity_config(pattern if ":" in pattern else "unstructured", zeros,
-                                      totals, provenance)
+                                      totals, provenance, routers)
             if save_dtype is not None:  # the keys transformers 5 and 4 read
                 entries.update(dtype=provenance["save_dtype"], torch_dtype=provenance["save_dtype"])
             mark_config(staging / "config.json", entries)
@@ -459,9 +459,11 @@ class ContinualPruner:
         pruner.step(windows_b)
         pruner.save_state("state.safetensors", datasets=["a", "b"])
 
-    ``model``: a LLaMA-family ``PreTrainedModel`` (LLaMA, Mistral, Qwen2) whose tensors are all
-    on the host (ValueError otherwise); ``device`` is where its blocks are pruned, one at a
-    time. A host copy of its dense weights is kept for every protocol but cascade (restart,
+    ``model``: a ``PreTrainedModel`` of a supported type (copal.model.SUPPORTED_MODEL_TYPES;
+    UnsupportedModelError otherwise) whose tensors are all on the host (ValueError otherwise);
+    transformers 5's stacked experts of a mixture-of-experts model are replaced in place by one
+    nn.Linear per expert projection, sharing their storage (copal.experts). ``device`` is where
+    its blocks are pruned, one at a time. A host copy of its dense weights is kept for every protocol but cascade (restart,
     joint and COPAL start each step from W0); joint also keeps every step's windows. COPAL keeps
     its state. A step that fails restores the model (and the state) to what they were before
     it: it holds a host copy of the weights until it completes.

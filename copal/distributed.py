@@ -150,26 +150,26 @@ class OrderedSum:
 
 def reduce_sums(sums: Iterable[OrderedSum]) -> None:
     """Fold every rank's partials into each sum's ``value``, rank 0's units first, in place.
-    The sums given must hold the same number of partials on a rank (one per unit: they are
-    sent together, one broadcast per unit). Nothing to do for a single process."""
+    The k-th partials of every sum that has one on a rank are sent together, one broadcast per
+    unit; sums may hold different numbers (an expert's Linears get a partial only from the chunks
+    that route a token to it). Nothing to do for a single process."""
     sums = [s for s in sums if s.partials is not None]
     if not sums:
         return
-    counts = _gather_ints([len(sums[0].partials)])
-    if any(len(s.partials) != len(sums[0].partials) for s in sums):
-        raise RuntimeError("reduce_sums: the sums hold different numbers of partials")
+    counts = _gather_ints([len(s.partials) for s in sums])
     device = _comm_device()
-    sizes = [s.value.numel() for s in sums]
-    for source, count in enumerate(counts):
-        for unit in range(count[0]):
+    for source, per_sum in enumerate(counts):
+        for unit in range(max(per_sum)):
+            members = [s for s, count in zip(sums, per_sum) if unit < count]
+            sizes = [s.value.numel() for s in members]
             if source == rank():
                 flat = torch.cat([s.partials[unit].reshape(-1).to(device, torch.float32)
-                                  for s in sums])
+                                  for s in members])
             else:
                 flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
             with traffic.measure(flat.numel() * 4):
                 dist.broadcast(flat, src=source)
-            for s, part in zip(sums, flat.split(sizes)):
+            for s, part in zip(members, flat.split(sizes)):
                 s.value.add_(part.view_as(s.value).to(s.value.device))
     for s in sums:
         s.partials = []

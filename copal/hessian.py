@@ -103,7 +103,8 @@ class HessianState:
         old = self._read(index, groups, widths) if self.previous is not None else {}
         sums, hessians = {}, {}
         for owner, (gram, tokens) in grams.items():
-            weight = self.lambda_t / (tokens if self.weighting == "datasets" else 1)
+            # an expert that no token of this step reached adds nothing (its Gram is zero)
+            weight = self.lambda_t / (max(tokens, 1) if self.weighting == "datasets" else 1)
             step_sum = gram if weight == 1 else gram * weight
             total = weight * tokens
             if old:
@@ -111,7 +112,7 @@ class HessianState:
                 total = float(old[f"{owner}.total"]) + total
             sums[f"{owner}.gram"] = step_sum.to("cpu", torch.float32).contiguous()
             sums[f"{owner}.total"] = torch.tensor(total, dtype=torch.float64)
-            hessians[owner] = step_sum * (2.0 / total)
+            hessians[owner] = step_sum * (2.0 / total) if total else step_sum  # none: zeros
         metadata = {"format": FORMAT, "steps": str(self.step), "weighting": self.weighting,
                     "inputs": json.dumps(groups), "id": self.id}
         if self.target is not None:

@@ -122,10 +122,12 @@ class Method:
     dense_inputs = False  # the sweep feeds the next block the dense block's outputs, not the pruned one's
 
     @contextlib.contextmanager
-    def observe(self, linears: Dict[str, nn.Linear]):
+    def observe(self, linears: Dict[str, nn.Linear], routed=frozenset()):
         """Hook ``linears``; yields {name: LayerStats} filled by every forward inside. Which
         Linears share an input is seen on the first forward: a Linear whose input is the very
-        tensor the previous hooked Linear read shares that one's Gram matrix."""
+        tensor the previous hooked Linear read shares that one's Gram matrix, unless either is
+        an expert's (named in ``routed``): an expert no token reaches in a step shows nothing,
+        and the second-order state's inputs must not change from step to step."""
         stats = {name: LayerStats(linear, self.needs_gram) for name, linear in linears.items()}
         handles = []
         previous = {"input": None, "name": None}
@@ -135,7 +137,7 @@ class Method:
             x, entry = args[0], stats[name]
             if entry.gram_sum is not None and name not in seen:
                 seen.add(name)
-                if x is previous["input"]:
+                if x is previous["input"] and name not in routed and previous["name"] not in routed:
                     owner = stats[previous["name"]].gram_owner or previous["name"]
                     entry.gram_sum, entry.gram_owner = stats[owner].gram_sum, owner
             previous.update(input=x, name=name)
@@ -155,6 +157,11 @@ class Method:
     def prune_block(self, block_index: int, linears: Dict[str, nn.Linear],
                     stats: Dict[str, LayerStats], pattern: Pattern) -> None:
         raise NotImplementedError
+
+
+def unseen_layers(stats: Dict[str, LayerStats]) -> List[str]:
+    """The layers that no calibration token reached (experts the router never chose)."""
+    return [name for name, entry in stats.items() if entry.tokens == 0]
 
 
 @contextlib.contextmanager
@@ -196,9 +203,11 @@ class Wanda(Method):
 
     def prune_block(self, block_index, linears, stats, pattern):
         for name, linear in linears.items():
-            scaler_row = stats[name].act_sumsq / max(stats[name].samples, 1)
+            entry = stats[name]
+            # no token reached it (an expert): no input norms, so |W| (docs/usage.md)
+            acts = torch.sqrt(entry.act_sumsq / max(entry.samples, 1)) if entry.tokens else None
             with naming_layer(block_index, name):
-                _prune(linear.weight.data, pattern, None, torch.sqrt(scaler_row))
+                _prune(linear.weight.data, pattern, None, acts)
 
 
 def check_obs_pattern(pattern: Pattern, block_size: int) -> None:
@@ -260,6 +269,8 @@ def _obs_prune_layer(block_index: int, name: str, linear: nn.Linear, hessian: to
             raise ValueError("weight contains NaN or Inf")
         if not bool(torch.isfinite(hessian).all()):
             raise ValueError("the Hessian contains NaN or Inf (from the calibration inputs)")
+        if not bool(hessian.any()):  # no token ever reached it (an expert): H = I, docs/usage.md
+            hessian = torch.eye(hessian.shape[0], device=hessian.device)
         linear.weight.data.copy_(obs_prune(linear.weight.data, hessian, pattern,
                                            block_size=block_size, dampening=dampening,
                                            layer=f"block {block_index} {name}"))
@@ -495,10 +506,16 @@ class Copal(Method):
             else:
                 grad = torch.ones(linear.out_features, device=act_norms.device)
             layer = self.history.setdefault(key, LayerHistory([], []))
-            scale = normalised if options.normalisation == "mean" else torch.Tensor.float
-            layer.grads.append(scale(grad).cpu())
-            layer.acts.append(scale(act_norms).cpu())
+            # a step whose tokens never reach the layer (an expert) adds no term (zeros)
+            scale = (normalised if options.normalisation == "mean" else torch.Tensor.float) \
+                if stats[name].tokens else torch.zeros_like
+            layer.grads.append(scale(grad).float().cpu())
+            layer.acts.append(scale(act_norms).float().cpu())
             device = linear.weight.device
+            if not any(bool(acts.any()) for acts in layer.acts):  # never reached: |W|
+                with naming_layer(block_index, name):
+                    _prune(linear.weight.data, pattern, group=options.group)
+                continue
             grads = torch.stack(layer.grads).to(device)
             acts = torch.stack(layer.acts).to(device)
             weights = None

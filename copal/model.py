@@ -22,11 +22,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint import CheckpointError, ShardReader, read_config_json, tensor_digest
+from .experts import checkpoint_names, num_experts, routed_ids, router_ids, unstack_experts
 
-# decoders whose blocks are attention + MLP of nn.Linear layers, with one rotary embedding, run
-# through the model's own forward (tests/driver/test_model.py checks each against it)
+# decoders whose blocks are attention + MLP (or mixture of experts) of nn.Linear layers, with
+# one rotary embedding, run through the model's own forward (tests/driver/test_model.py checks
+# each against it)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite",
-                         "gemma2", "gemma3_text")
+                         "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute and save dtypes, by torch's names
@@ -79,12 +81,6 @@ class UnsupportedModelError(ValueError):
 
 def _check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-    if experts:
-        raise UnsupportedModelError(
-            f"{model_type!r} is a mixture-of-experts model ({experts} experts a block); its "
-            "experts are not pruned by this version (supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -127,6 +123,10 @@ class LayeredModel:
                 "decoder blocks and a rotary embedding"
             )
         self.blocks: nn.ModuleList = blocks[0]
+        try:  # transformers 5's stacked experts as one Linear per expert projection
+            unstack_experts(model, self.blocks)
+        except ValueError as error:
+            raise UnsupportedModelError(str(error)) from None
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
         # qualified module names are the checkpoint keys' prefixes
@@ -138,21 +138,30 @@ class LayeredModel:
             raise UnsupportedModelError(f"{type(model).__name__}: cannot find the final norm")
         self.norm = others[0]
         self.block_names = [self.module_names[id(block)] for block in self.blocks]
+        # names inside a block that the checkpoint spells otherwise (transformers 5's renamings)
+        try:
+            self._renamed = checkpoint_names(model, self.block_names[0], (
+                name for block in self.blocks for name, _ in block.named_parameters())) \
+                if num_experts(self.config) else {}
+        except ValueError as error:
+            raise UnsupportedModelError(str(error)) from None
         parent, _, attribute = self.module_names[id(self.blocks)].rpartition(".")
         self._blocks_parent = (model.get_submodule(parent), attribute)
         self._block_index = {id(block): index for index, block in enumerate(self.blocks)}
         self._tuples = [None]  # whether the model's forward expects blocks to return tuples
         self._context_key = self._context = None
+        self._block_buffers: Dict[int, Dict[str, torch.Tensor]] = {}  # lazy: rebuilt, by name
         for index, block in enumerate(self.blocks):
             linears = self.linears(block)
-            in_linears = {id(m.weight) for m in linears.values()}
-            stacked = [name for name, p in block.named_parameters()
-                       if p.dim() >= 2 and id(p) not in in_linears]
-            if not linears or stacked:
+            routers = router_ids(block)
+            known = {id(m.weight) for m in linears.values()}
+            known |= {id(p) for m in block.modules() if id(m) in routers for p in m.parameters()}
+            unknown = [name for name, p in block.named_parameters()
+                       if p.dim() >= 2 and id(p) not in known]
+            if not linears or unknown:
                 raise UnsupportedModelError(
-                    f"block {index}: " + (f"{stacked[0]} is a weight outside any nn.Linear "
-                                          "(stacked mixture-of-experts weights are not supported)"
-                                          if stacked else "no nn.Linear layer to prune"))
+                    f"block {index}: " + (f"{unknown[0]} is a weight outside any nn.Linear"
+                                          if unknown else "no nn.Linear layer to prune"))
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -259,30 +268,48 @@ class LayeredModel:
             if not tied and head_key not in self.reader.weight_map:
                 raise CheckpointError(f"{self.source}: no {head_key} and embeddings are not tied")
             self.head.weight = self.embed.weight
-        self._rebuild_outer_buffers()
+        self._rebuild_buffers()
 
-    def _rebuild_outer_buffers(self) -> None:
-        """The buffers outside the blocks (rotary frequencies, Gemma's embedding scale), which a
-        model built on the meta device lacks, computed by the model class itself: a one-block
-        twin of the config is built on the host and its buffers copied by name."""
-        block_buffers = {id(b) for b in self.blocks.buffers()}
-        missing = {name: b for name, b in self.model.named_buffers()
-                   if b.is_meta and id(b) not in block_buffers}
+    def _rebuild_buffers(self) -> None:
+        """The buffers (rotary frequencies, Gemma's embedding scale; in transformers 4's
+        Qwen2-MoE a rotary embedding inside every block), which a model built on the meta device
+        lacks, computed by the model class itself: a twin of the config with one block per layer
+        type is built on the host and its buffers copied by name, a block's from the twin's
+        block of its layer type (kept in :attr:`_block_buffers` for :meth:`load_block`)."""
+        missing = {name: b for name, b in self.model.named_buffers() if b.is_meta}
         if not missing:
             return
+        types = getattr(self.config, "layer_types", None)
+        types = types if isinstance(types, list) else [None] * self.num_blocks
+        twin_block = {index: list(dict.fromkeys(types)).index(kind)
+                      for index, kind in enumerate(types)}
+        prefix = self.module_names[id(self.blocks)] + "."
+
+        def twin_name(name):  # a block's buffer -> the twin's block of its layer type
+            if not name.startswith(prefix):
+                return name
+            index, _, rest = name[len(prefix):].partition(".")
+            return f"{prefix}{twin_block[int(index)]}.{rest}"
+
         made = None
         for one_head in (True, False):  # a one-head twin where the config takes head_dim
             twin = self._twin_buffers(one_head)
-            if all(name in twin and twin[name].shape == b.shape for name, b in missing.items()):
+            if all(twin_name(name) in twin and twin[twin_name(name)].shape == b.shape
+                   for name, b in missing.items()):
                 made = twin
                 break
         if made is None:
             raise UnsupportedModelError(f"{type(self.model).__name__}: cannot rebuild its "
                                         f"buffers {', '.join(missing)} when streaming the "
                                         "checkpoint")
+        self._block_buffers = {index: {} for index in range(self.num_blocks)}
         for name in missing:
-            owner, _, attribute = name.rpartition(".")
-            self.model.get_submodule(owner)._buffers[attribute] = made[name].clone()
+            if name.startswith(prefix):
+                index, _, rest = name[len(prefix):].partition(".")
+                self._block_buffers[int(index)][rest] = made[twin_name(name)].clone()
+            else:
+                owner, _, attribute = name.rpartition(".")
+                self.model.get_submodule(owner)._buffers[attribute] = made[name].clone()
 
     def _twin_buffers(self, one_head: bool) -> Dict[str, torch.Tensor]:
         """The buffers of a small host model of this config: one block of each layer type, a
@@ -293,6 +320,12 @@ class LayeredModel:
             small.layer_types = list(dict.fromkeys(small.layer_types))
             small.num_hidden_layers = len(small.layer_types)
         small.intermediate_size, small.vocab_size = 8, 8
+        for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(small, key, None):
+                setattr(small, key, 8)
+        for key in ("num_local_experts", "num_experts"):  # as few experts as a token takes
+            if getattr(small, key, None):
+                setattr(small, key, getattr(small, "num_experts_per_tok", None) or 1)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if isinstance(getattr(small, key, None), int):
                 setattr(small, key, 0)
@@ -316,12 +349,35 @@ class LayeredModel:
 
     @staticmethod
     def linears(block: nn.Module) -> Dict[str, nn.Linear]:
-        """The prunable layers of a block: every nn.Linear, by name relative to the block."""
-        return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        """The prunable layers of a block: every nn.Linear but a mixture-of-experts router
+        (copal.experts), by name relative to the block."""
+        routers = router_ids(block)
+        return {name: m for name, m in block.named_modules()
+                if isinstance(m, nn.Linear) and id(m) not in routers}
 
-    def block_keys(self, index: int):
+    @staticmethod
+    def routers(block: nn.Module) -> frozenset:
+        """The names of the block's mixture-of-experts routers (never pruned; copal.experts)."""
+        ids = router_ids(block)
+        return frozenset(name for name, m in block.named_modules() if id(m) in ids)
+
+    @staticmethod
+    def routed(block: nn.Module) -> frozenset:
+        """The names (as in :meth:`linears`) of the block's experts' Linears."""
+        ids = routed_ids(block)
+        return frozenset(name for name, m in block.named_modules() if id(m) in ids)
+
+    def block_keys(self, index: int) -> Dict[str, str]:
+        """{checkpoint key: parameter name in the block} of block ``index``."""
         prefix = self.block_names[index]
-        return {f"{prefix}.{name}": name for name, _ in self.blocks[index].named_parameters()}
+        return {f"{prefix}.{self._renamed.get(name, name)}": name
+                for name, _ in self.blocks[index].named_parameters()}
+
+    def checkpoint_state(self, index: int, block: nn.Module) -> Dict[str, torch.Tensor]:
+        """``block``'s (block ``index``'s) tensors by checkpoint key, to write."""
+        prefix = self.block_names[index]
+        return {f"{prefix}.{self._renamed.get(name, name)}": tensor.detach()
+                for name, tensor in block.state_dict().items()}
 
     def read_block_state(self, index: int) -> Dict[str, torch.Tensor]:
         """The block's tensors as stored in the source checkpoint (names relative to the block)."""
@@ -337,6 +393,9 @@ class LayeredModel:
         block = self.blocks[index]
         if state is None and self.lazy:
             state = self.read_block_state(index)
+        for name, buffer in self._block_buffers.get(index, {}).items():
+            owner, _, attribute = name.rpartition(".")
+            block.get_submodule(owner)._buffers[attribute] = buffer
         if state is not None and owned:
             block.load_state_dict(state, strict=True, assign=True)
             block.requires_grad_(False)
@@ -392,9 +451,8 @@ class LayeredModel:
         else:
             tensors = {key: tensor_digest(param) for key, param in self._outer_parameters().items()}
             for index in range(self.num_blocks):
-                prefix = self.block_names[index]
-                for name, tensor in self.block_state(index).items():
-                    tensors[f"{prefix}.{name}"] = tensor_digest(tensor)
+                for key, tensor in self.checkpoint_state(index, self.blocks[index]).items():
+                    tensors[key] = tensor_digest(tensor)
         for key in sorted(tensors):
             digest.update(f"{key}:{tensors[key]};".encode())
         return digest.hexdigest()[:32]
@@ -523,7 +581,10 @@ _ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hid
 _OPTIONAL_ARCHITECTURE_KEYS = ("layer_types", "use_sliding_window", "attn_logit_softcapping",
                                "final_logit_softcapping", "query_pre_attn_scalar",
                                "embedding_multiplier", "residual_multiplier",
-                               "attention_multiplier", "logits_scaling", "rope_local_base_freq")
+                               "attention_multiplier", "logits_scaling", "rope_local_base_freq",
+                               "num_local_experts", "num_experts", "num_experts_per_tok",
+                               "moe_intermediate_size", "shared_expert_intermediate_size",
+                               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 
 
 def _architecture(config) -> dict:

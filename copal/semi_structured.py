@@ -15,29 +15,38 @@ The loader (:func:`load_semi_structured`): a 2:4 checkpoint on a CUDA GPU (compu
 path that remains for users now that vLLM dropped its 2:4 kernels.
 """
 
+import re
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
+from .experts import unstack_experts
+
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def sparsity_config(structure: str, zeros: Dict[str, int], totals: Dict[str, int],
-                    provenance: dict) -> dict:
+                    provenance: dict, routers=()) -> dict:
     """The config.json entries of a pruned checkpoint: ``sparsity_config`` (compressed-tensors'
     field names) and ``copal_pruning``. ``structure``: ``"2:4"``, ``"4:8"`` or
     ``"unstructured"``; ``zeros``/``totals``: zero and all weights per layer type (the name of a
-    Linear inside a block, ``mlp.down_proj``) over the pruned Linears."""
+    Linear inside a block, ``mlp.down_proj``) over the pruned Linears; ``routers``: the names
+    inside a block of mixture-of-experts routers (left dense, so in ``ignore``)."""
     by_type = {name: zeros[name] / totals[name] for name in sorted(totals) if totals[name]}
     overall = sum(zeros.values()) / max(sum(totals.values()), 1)
     return {
         "sparsity_config": {"format": "dense", "sparsity_structure": structure,
                             "global_sparsity": overall, "targets": ["Linear"],
-                            "ignore": ["lm_head"], "registry_requires_subclass": False},
+                            # a router by its own name, which transformers 4 and 5 share
+                            # (Mixtral's sits in ``block_sparse_moe`` in 4.x, ``mlp`` in 5.x)
+                            "ignore": ["lm_head"] + [f"re:.*\\.{re.escape(name)}$" for name in
+                                                     sorted({r.rpartition(".")[2] for r in routers})],
+                            "registry_requires_subclass": False},
         "copal_pruning": {
-            "layers": "every nn.Linear inside a decoder block (not the embeddings nor the head)",
+            "layers": "every nn.Linear inside a decoder block but a mixture-of-experts router "
+                      "(not the embeddings nor the head)",
             "sparsity_by_layer_type": by_type,
             **{key: provenance.get(key) for key in ("verb", "method", "pattern", "options",
                                                     "datasets", "windows")}},
@@ -57,12 +66,15 @@ def to_semi_structured_(model: nn.Module, blocks: nn.ModuleList) -> Dict[str, st
     device, fp16 or bf16) into a semi-structured sparse weight, in place.
 
     Returns {layer name: "semi-structured" or why it stays dense (a shape the sparse kernels do
-    not take)}. Raises ValueError naming the first Linear that is not exactly 2:4."""
+    not take)}. Raises ValueError naming the first Linear that is not exactly 2:4.
+    Mixture-of-experts routers stay dense; transformers 5's stacked experts are first unstacked
+    into one Linear per expert projection (copal.experts)."""
+    from .model import LayeredModel
+
+    unstack_experts(model, blocks)
     report = {}
     for index, block in enumerate(blocks):
-        for name, linear in block.named_modules():
-            if not isinstance(linear, nn.Linear):
-                continue
+        for name, linear in LayeredModel.linears(block).items():
             label = f"layers.{index}.{name}"
             weight = linear.weight.detach()
             if not is_exact_2of4(weight):

@@ -1,13 +1,14 @@
 """The block sweep: calibration windows -> embeddings -> for each block: load, observe, prune,
 propagate, release. The device holds one block plus the calibration activations."""
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import distributed
-from .methods import Method, Pattern, reduce_stats
+from .methods import Method, Pattern, reduce_stats, unseen_layers
 from .model import LayeredModel
 from .phases import phase, progress
 
@@ -125,10 +126,13 @@ def observe_blocks(lm: LayeredModel, block, chunks: List[torch.Tensor], device) 
     each chunk at the input of the Linear that runs last (``down_proj`` in the supported
     architectures): its matmul and what follows would only make an output that nobody reads (a
     quarter of an MLP's FLOPs). Which Linear runs last is seen on the first chunk, which runs
-    whole, so the stop never comes before a Linear that the block runs after it."""
+    whole, so the stop never comes before a Linear that the block runs after it. Where some
+    Linear did not run on the first chunk (an expert no token was routed to), every chunk runs
+    whole: a later chunk may run it after the first chunk's last."""
     order = []
+    linears = lm.linears(block)
     watch = [linear.register_forward_pre_hook(lambda module, args: order.append(module))
-             for linear in lm.linears(block).values()]
+             for linear in linears.values()]
 
     def stop(module, args):
         raise _Observed
@@ -139,8 +143,9 @@ def observe_blocks(lm: LayeredModel, block, chunks: List[torch.Tensor], device) 
             if position == 1:
                 for hook in watch:
                     hook.remove()
-                # after the statistics hooks: they run first
-                handle = order[-1].register_forward_pre_hook(stop)
+                if len({id(module) for module in order}) == len(linears):
+                    # after the statistics hooks: they run first
+                    handle = order[-1].register_forward_pre_hook(stop)
             try:
                 run_blocks(lm, block, [hidden], device)
             except _Observed:
@@ -185,13 +190,20 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
             pattern.check_layer(f"block {index} {name}", linear.in_features)
         following = observes and index + 1 < lm.num_blocks
         with torch.no_grad():
-            with phase(timer, "forward"), method.observe(linears) as stats:
+            with phase(timer, "forward"), method.observe(linears, lm.routed(block)) as stats:
                 if following and method.dense_inputs:  # the dense block's outputs go on
                     chunks = run_blocks(lm, block, chunks, device, offload_activations)
                 else:
                     observe_blocks(lm, block, chunks, device)
             with phase(timer, "reduce"):
                 reduce_stats(stats)
+            unseen = unseen_layers(stats) if observes else []
+            if unseen:
+                warnings.warn(f"block {index}: no calibration token was routed to {len(unseen)} "
+                              f"expert layer(s) ({', '.join(unseen[:3])}"
+                              f"{', ...' if len(unseen) > 3 else ''}); a layer that never had "
+                              "statistics is pruned by magnitude (docs/usage.md, mixture of "
+                              "experts)")
             with phase(timer, "kernels"):
                 method.prune_block(index, linears, stats, pattern)
             if distributed.active():

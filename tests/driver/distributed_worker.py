@@ -1,9 +1,10 @@
 """Run by tests/driver/test_distributed.py, alone or under ``torchrun``: the API's verbs on a tiny
 checkpoint, each rank computing its share (copal.distributed); rank 0 writes every output and
 ``perplexities.json``. ``fail``: rank 1 raises in the middle of a sweep (the other ranks must stop
-too, not wait forever).
+too, not wait forever). ``experts``: Wanda and COPAL's OBS update only (a mixture-of-experts
+model, whose experts' Linears get statistics from some chunks only), no in-memory pruner.
 
-    python -m tests.driver.distributed_worker MODEL CORPUS CORPUS_B OUT [fail]
+    python -m tests.driver.distributed_worker MODEL CORPUS CORPUS_B OUT [fail|experts]
 """
 
 import json
@@ -43,12 +44,25 @@ def main(model, corpus, corpus_b, out, mode="run"):
 
         Wanda.prune_block = failing
     windows = dict(num_calibration=5, seq_len=32, seed=0, batch_size=1)
-    for name, (method, pattern, options) in RUNS.items():
+    runs = {name: RUNS[name] for name in ("wanda", "copal-obs")} if mode == "experts" else RUNS
+    continued = [name for name in runs if name.startswith("copal")]
+    for name, (method, pattern, options) in runs.items():
         prune_checkpoint(model, corpus, out / name, method=method, pattern=pattern,
                          options=options, **windows, **quiet)
-    for name in ("copal-grad", "copal-obs"):
+    for name in continued:
         continue_checkpoint(out / name / "copal-state.safetensors", corpus_b, out / f"{name}-2",
                             **quiet)
+    if mode != "experts":
+        _in_memory(model, out)
+    results = {name: evaluate_checkpoint(str(out / name), [corpus, corpus_b], num_test=5,
+                                         seq_len=32, batch_size=1, tokenizer_from=model)
+               for name in list(runs) + [f"{name}-2" for name in continued]}
+    if distributed.is_writer():
+        (out / "perplexities.json").write_text(json.dumps(results))
+    distributed.shutdown()
+
+
+def _in_memory(model, out):
     # the library's in-memory pruner: two COPAL-OBS steps, each rank its share of the windows
     in_memory = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     pruner = ContinualPruner(in_memory, method="copal", pattern="2:4", batch_size=1,
@@ -62,12 +76,6 @@ def main(model, corpus, corpus_b, out, mode="run"):
     if distributed.is_writer():
         save_file({k: v.clone() for k, v in in_memory.state_dict().items()},
                   out / "pruner" / "model.safetensors")
-    results = {name: evaluate_checkpoint(str(out / name), [corpus, corpus_b], num_test=5,
-                                         seq_len=32, batch_size=1, tokenizer_from=model)
-               for name in list(RUNS) + ["copal-grad-2", "copal-obs-2"]}
-    if distributed.is_writer():
-        (out / "perplexities.json").write_text(json.dumps(results))
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

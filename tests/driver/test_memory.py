@@ -57,6 +57,9 @@ def test_streamed_peak_host_memory(tmp_path_factory, verb):
           f"{large / 2**20:.1f} MiB; one block {block_bytes / 2**20:.1f} MiB, 32-block model "
           f"{32 * block_bytes / 2**20:.0f} MiB")
     # four times the model (+288 MiB), about the same peak: a block or two plus fixed costs
-    # (imports, tokenizer, the model's meta skeleton), not the model
-    assert large - small < 2 * block_bytes
+    # (imports, tokenizer, the model's meta skeleton), not the model. The peak of one run moves
+    # by up to two blocks with the threads' timing (whether the prefetched block and the written
+    # one overlap the pruned one when it is sampled: 55 to 82 MiB measured for either size), so
+    # the sizes may differ by that much
+    assert large - small < 3 * block_bytes
     assert large < 32 * block_bytes / 4

@@ -59,15 +59,17 @@ def test_loader_refuses_a_cpu_before_reading_anything(tmp_path):
 
 
 @GPU
-def test_semi_structured_model_gives_the_dense_masked_logits(tmp_path):
+@pytest.mark.parametrize("arch,linears", [("llama", 14), ("mixtral", 2 * (4 + 4 * 3))])
+def test_semi_structured_model_gives_the_dense_masked_logits(tmp_path, arch, linears):
     """Shapes the sparse kernels take (rows a multiple of 32, columns of 64): every decoder
-    Linear converted, logits within bf16 rounding of the dense-masked model's."""
-    model_dir = tiny_checkpoint(tmp_path / "model", hidden=128, intermediate=256, vocab=96)
+    Linear converted (Mixtral: each expert's, on the tokens routed to it; the routers stay
+    dense), logits within bf16 rounding of the dense-masked model's."""
+    model_dir = tiny_checkpoint(tmp_path / "model", arch, hidden=128, intermediate=256, vocab=96)
     out = prune_checkpoint(str(model_dir), out_dir=tmp_path / "out", method="magnitude",
                            pattern="2:4", device="cuda", log=lambda *_: None)
     report = {}
     sparse = load_semi_structured(out, dtype=torch.bfloat16, report=report)
-    assert set(report.values()) == {"semi-structured"} and len(report) == 14
+    assert set(report.values()) == {"semi-structured"} and len(report) == linears
     dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda().eval()
     ids = torch.randint(0, 96, (2, 64), device="cuda")
     with torch.no_grad():

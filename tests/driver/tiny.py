@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
                           GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
-                          Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -21,7 +23,11 @@ ARCHITECTURES = {
     "granite": (GraniteConfig, GraniteForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
+MIXTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # what each architecture switches on beyond a plain LLaMA, set to values that change the output
 EXTRA = {
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
@@ -34,6 +40,13 @@ EXTRA = {
     "gemma3": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=8, pad_token_id=0,
                    layer_types=["sliding_attention", "full_attention"],
                    rope_local_base_freq=100.0),
+    # 4 experts, 2 per token; Qwen2-MoE's shared expert and its gate; Qwen's dense MLP on the
+    # layers of mlp_only_layers
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=32, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      norm_topk_prob=True),
 }
 # sliding-window attention shorter than the test windows: Mistral's on every layer, Qwen2's and
 # Qwen3's per layer (layer_types) from max_window_layers on
@@ -50,15 +63,17 @@ WORDS = ("the of and to in is was for on as with by at from his her an were whic
 
 def tiny_model(arch: str = "llama", *, vocab: int = 96, hidden: int = 32, layers: int = 2,
                intermediate: int = 48, attn: str = "sdpa", seed: int = 0, tied: bool = True,
-               sliding: bool = False):
+               sliding: bool = False, **overrides):
+    """``overrides``: config fields set last (``num_local_experts=16``)."""
     config_cls, model_cls = ARCHITECTURES[arch]
     if arch == "gemma2":  # soft-capped attention has no sdpa path in transformers
         attn = "eager"
     config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=256, tie_word_embeddings=tied,
-                        attn_implementation=attn, **EXTRA.get(arch, {}),
-                        **(SLIDING[arch] if sliding else {}))
+                        attn_implementation=attn, **{**EXTRA.get(arch, {}),
+                                                     **(SLIDING[arch] if sliding else {}),
+                                                     **overrides})
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
