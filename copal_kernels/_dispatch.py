@@ -9,14 +9,8 @@ import os
 
 import torch
 
+from ._triton import HAS_TRITON
 from ._validate import non_finite_error
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # Triton ships for Linux only
-    HAS_TRITON = False
 
 
 def interpreting() -> bool:

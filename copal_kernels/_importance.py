@@ -10,10 +10,9 @@ keys order as the scores do once -0.0 is folded into +0.0 and every NaN is given
 every input, and a score that is not finite also raises a flag (``check_finite``).
 """
 
-import triton
-import triton.language as tl
 
 from . import naive
+from ._triton import tl, triton
 from ._validate import AGGREGATIONS
 
 

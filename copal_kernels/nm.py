@@ -17,12 +17,11 @@ Two ways to rank, one result:
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, reference_result, use_triton
 from ._importance import importance_meta, load_keys, non_finite
+from ._triton import tl, triton
 from ._validate import check_importance_inputs, check_nm, non_finite_error
 
 

