@@ -27,6 +27,7 @@ from .continual import (DenseWeights, RunSpec, copal_method, hessian_state, prun
 from .data import check_window_counts, make_dataset, source_name
 from .evaluate import perplexities
 from .hessian import check_hessian_dir, hessian_dir, step_dir
+from .interop import make_portable
 from .methods import CopalOptions, LayerHistory, Pattern, SparseGPT, check_obs_pattern, make_method
 from .model import DTYPE_NAMES, LayeredModel, check_execution, resolve_dtype
 from .outputs import (MARKER, OutputError, WorkDir, check_output_dir, check_output_file,
@@ -208,6 +209,7 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             if save_dtype is not None:  # the keys transformers 5 and 4 read
                 entries.update(dtype=provenance["save_dtype"], torch_dtype=provenance["save_dtype"])
             mark_config(staging / "config.json", entries)
+            make_portable(staging)
             write_marker(staging, provenance)
             if state is not None:
                 metadata = dict(state[2], hessian_id=written.id) if hessians else state[2]

