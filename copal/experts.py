@@ -12,7 +12,7 @@ Linears and parameters that are direct children of the module holding the expert
 (:func:`router_ids`): a pruned router would send tokens to other experts.
 """
 
-from typing import Dict, Set
+from typing import Dict, Optional, Set
 
 import torch
 from torch import nn
@@ -133,19 +133,43 @@ def router_ids(block: nn.Module) -> Set[int]:
     return found
 
 
-def routed_ids(block: nn.Module) -> Set[int]:
-    """The nn.Linear of ``block``'s experts: each sees only the tokens routed to its expert
-    (possibly none in a chunk, or in a whole calibration set)."""
-    return {id(m) for _, children in _holders(block) for child in children
-            if isinstance(child, nn.ModuleList) for m in child.modules() if isinstance(m, nn.Linear)}
+def prunable_linears(block: nn.Module) -> Dict[str, nn.Linear]:
+    """Every nn.Linear of ``block`` but a router, by its name in the module tree."""
+    routers = router_ids(block)
+    return {name: m for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in routers}
+
+
+def expert_layers(block: nn.Module, model_type: str) -> Dict[str, Optional[str]]:
+    """{name of an expert's nn.Linear: the name of the Linear of the same expert that reads the
+    same input (its gate projection, for its up projection), or None}, by names in the module
+    tree. Each sees only the tokens routed to its expert (possibly none in a chunk, or in a whole
+    calibration set), so which of them read one input is known from the structure, not from a
+    forward: an expert's gate and up projections (EXPERT_PROJECTIONS, the same names in
+    transformers 4's expert MLPs and in :class:`ExpertLinears`)."""
+    gate, up, _ = EXPERT_PROJECTIONS.get(model_type, (None, None, None))
+    names = {id(m): name for name, m in block.named_modules()}
+    layers = {}
+    for _, children in _holders(block):
+        for child in children:
+            if not isinstance(child, nn.ModuleList):
+                continue
+            for expert in child:
+                linears = {name: m for name, m in expert.named_children()
+                           if isinstance(m, nn.Linear)}
+                for name, linear in linears.items():
+                    shares = name == up and gate in linears
+                    layers[names[id(linear)]] = names[id(linears[gate])] if shares else None
+    return layers
 
 
 def checkpoint_names(model: nn.Module, prefix: str, names) -> Dict[str, str]:
     """{name inside a block: its name in the checkpoint} for the ``names`` (of parameters inside
     a decoder block) that transformers 5 renames when it saves (Mixtral's ``mlp`` is
     ``block_sparse_moe`` on disk), by transformers' own reverse conversion applied to the keys of
-    the block whose qualified name is ``prefix``; empty where it has none (transformers 4). The
-    renamings do not depend on the block's index (checked: the prefix is kept)."""
+    the block whose qualified name is ``prefix``; empty where it has none (transformers 4).
+    Transformers' renamings are patterns without block indices, so block 0's serve every block
+    (a renaming that moved a key out of its block is refused)."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:

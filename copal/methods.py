@@ -122,13 +122,18 @@ class Method:
     dense_inputs = False  # the sweep feeds the next block the dense block's outputs, not the pruned one's
 
     @contextlib.contextmanager
-    def observe(self, linears: Dict[str, nn.Linear], routed=frozenset()):
+    def observe(self, linears: Dict[str, nn.Linear], experts: Dict[str, Optional[str]] = {}):
         """Hook ``linears``; yields {name: LayerStats} filled by every forward inside. Which
         Linears share an input is seen on the first forward: a Linear whose input is the very
-        tensor the previous hooked Linear read shares that one's Gram matrix, unless either is
-        an expert's (named in ``routed``): an expert no token reaches in a step shows nothing,
-        and the second-order state's inputs must not change from step to step."""
+        tensor the previous hooked Linear read shares that one's Gram matrix. An expert's
+        Linears (``experts``: {name: the Linear whose input it reads too, or None}; see
+        LayeredModel.expert_layers) share as the structure says, since an expert that no token
+        reaches in a step shows nothing, and the second-order state's inputs must not change
+        from step to step."""
         stats = {name: LayerStats(linear, self.needs_gram) for name, linear in linears.items()}
+        for name, owner in experts.items():
+            if owner is not None and self.needs_gram:
+                stats[name].gram_sum, stats[name].gram_owner = stats[owner].gram_sum, owner
         handles = []
         previous = {"input": None, "name": None}
         seen = set()
@@ -137,7 +142,7 @@ class Method:
             x, entry = args[0], stats[name]
             if entry.gram_sum is not None and name not in seen:
                 seen.add(name)
-                if x is previous["input"] and name not in routed and previous["name"] not in routed:
+                if x is previous["input"] and name not in experts and previous["name"] not in experts:
                     owner = stats[previous["name"]].gram_owner or previous["name"]
                     entry.gram_sum, entry.gram_owner = stats[owner].gram_sum, owner
             previous.update(input=x, name=name)
@@ -512,7 +517,9 @@ class Copal(Method):
             layer.grads.append(scale(grad).float().cpu())
             layer.acts.append(scale(act_norms).float().cpu())
             device = linear.weight.device
-            if not any(bool(acts.any()) for acts in layer.acts):  # never reached: |W|
+            # no step has a non-zero term: never reached (an expert), or reached on the pruned
+            # model but given no gradient on the dense one (routed otherwise there): |W|
+            if not any(bool(g.any()) and bool(a.any()) for g, a in zip(layer.grads, layer.acts)):
                 with naming_layer(block_index, name):
                     _prune(linear.weight.data, pattern, group=options.group)
                 continue

@@ -22,7 +22,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint import CheckpointError, ShardReader, read_config_json, tensor_digest
-from .experts import checkpoint_names, num_experts, routed_ids, router_ids, unstack_experts
+from .experts import (checkpoint_names, expert_layers, num_experts, prunable_linears,
+                      router_ids, unstack_experts)
 
 # decoders whose blocks are attention + MLP (or mixture of experts) of nn.Linear layers, with
 # one rotary embedding, run through the model's own forward (tests/driver/test_model.py checks
@@ -347,25 +348,27 @@ class LayeredModel:
     def lazy(self) -> bool:
         return self.reader is not None
 
-    @staticmethod
-    def linears(block: nn.Module) -> Dict[str, nn.Linear]:
-        """The prunable layers of a block: every nn.Linear but a mixture-of-experts router
-        (copal.experts), by name relative to the block."""
-        routers = router_ids(block)
-        return {name: m for name, m in block.named_modules()
-                if isinstance(m, nn.Linear) and id(m) not in routers}
+    def layer_name(self, name: str) -> str:
+        """A Linear's name in a block, as the checkpoint spells it (transformers 5 names
+        Mixtral's ``block_sparse_moe`` ``mlp`` in memory): the same in every transformers
+        version, so states and reports made under one serve the other."""
+        return self._renamed.get(f"{name}.weight", f"{name}.weight")[:-len(".weight")]
 
-    @staticmethod
-    def routers(block: nn.Module) -> frozenset:
+    def linears(self, block: nn.Module) -> Dict[str, nn.Linear]:
+        """The prunable layers of a block: every nn.Linear but a mixture-of-experts router
+        (copal.experts), by :meth:`layer_name`."""
+        return {self.layer_name(name): m for name, m in prunable_linears(block).items()}
+
+    def routers(self, block: nn.Module) -> frozenset:
         """The names of the block's mixture-of-experts routers (never pruned; copal.experts)."""
         ids = router_ids(block)
-        return frozenset(name for name, m in block.named_modules() if id(m) in ids)
+        return frozenset(self.layer_name(name) for name, m in block.named_modules()
+                         if id(m) in ids)
 
-    @staticmethod
-    def routed(block: nn.Module) -> frozenset:
-        """The names (as in :meth:`linears`) of the block's experts' Linears."""
-        ids = routed_ids(block)
-        return frozenset(name for name, m in block.named_modules() if id(m) in ids)
+    def expert_layers(self, block: nn.Module) -> Dict[str, Optional[str]]:
+        """The block's experts' Linears (copal.experts.expert_layers), by :meth:`layer_name`."""
+        return {self.layer_name(name): owner and self.layer_name(owner)
+                for name, owner in expert_layers(block, self.config.model_type).items()}
 
     def block_keys(self, index: int) -> Dict[str, str]:
         """{checkpoint key: parameter name in the block} of block ``index``."""

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .experts import unstack_experts
+from .experts import prunable_linears, unstack_experts
 
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -69,12 +69,10 @@ def to_semi_structured_(model: nn.Module, blocks: nn.ModuleList) -> Dict[str, st
     not take)}. Raises ValueError naming the first Linear that is not exactly 2:4.
     Mixture-of-experts routers stay dense; transformers 5's stacked experts are first unstacked
     into one Linear per expert projection (copal.experts)."""
-    from .model import LayeredModel
-
     unstack_experts(model, blocks)
     report = {}
     for index, block in enumerate(blocks):
-        for name, linear in LayeredModel.linears(block).items():
+        for name, linear in prunable_linears(block).items():
             label = f"layers.{index}.{name}"
             weight = linear.weight.detach()
             if not is_exact_2of4(weight):

@@ -190,7 +190,7 @@ def prune_sweep(lm: LayeredModel, windows: torch.Tensor, method: Method, pattern
             pattern.check_layer(f"block {index} {name}", linear.in_features)
         following = observes and index + 1 < lm.num_blocks
         with torch.no_grad():
-            with phase(timer, "forward"), method.observe(linears, lm.routed(block)) as stats:
+            with phase(timer, "forward"), method.observe(linears, lm.expert_layers(block)) as stats:
                 if following and method.dense_inputs:  # the dense block's outputs go on
                     chunks = run_blocks(lm, block, chunks, device, offload_activations)
                 else:

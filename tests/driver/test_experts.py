@@ -173,3 +173,33 @@ def test_stacked_experts_of_an_unknown_layout_are_refused():
     with pytest.raises(UnsupportedModelError, match="stacked experts of a layout this version "
                                                     "does not know"):
         LayeredModel.from_model(model)
+
+
+def test_layer_names_are_the_checkpoints_in_every_transformers_version():
+    """Mixtral's layers are ``block_sparse_moe.*`` as on disk (transformers 5 calls the module
+    ``mlp``), so states and reports agree across versions; the router is not a layer; each
+    expert's up projection shares its gate projection's Gram matrix, by structure."""
+    lm = LayeredModel.from_model(tiny_model("mixtral"))
+    block = lm.blocks[0]
+    experts = {f"block_sparse_moe.experts.{e}.{p}" for e in range(4) for p in ("w1", "w2", "w3")}
+    assert set(lm.linears(block)) == experts | {f"self_attn.{p}_proj" for p in "qkvo"}
+    assert lm.routers(block) == {"block_sparse_moe.gate"}
+    assert lm.expert_layers(block) == {name: name[:-1] + "1" if name.endswith("w3") else None
+                                       for name in experts}
+
+
+def test_copal_with_tokens_but_no_gradient_prunes_by_magnitude():
+    """The gradient pass runs the dense model, which may route a token elsewhere than the pruned
+    model: a layer with calibration tokens and a zero gradient has no non-zero term, so its mask
+    is magnitude's, not one of ties."""
+    from copal.methods import Copal, LayerStats, Magnitude, Pattern
+
+    torch.manual_seed(0)
+    linear, reference = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+    reference.weight.data.copy_(linear.weight.data)
+    stats = LayerStats(linear, gram=False)
+    stats.add(torch.randn(5, 16))
+    method = Copal({}, {"0.expert": torch.zeros(8)}, CopalOptions(gradient="lm"))
+    method.prune_block(0, {"expert": linear}, {"expert": stats}, Pattern.parse("2:4"))
+    Magnitude().prune_block(0, {"expert": reference}, {}, Pattern.parse("2:4"))
+    assert torch.equal(linear.weight, reference.weight)
