@@ -19,9 +19,10 @@ FAST_TOKENIZER = "PreTrainedTokenizerFast"
 
 
 def portable_config(config: dict) -> dict:
-    """``config`` (config.json's content) with transformers 4.x's rotary keys added: ``rope_theta``
-    (and ``rope_local_base_freq`` for per-layer-type parameters, as Gemma 3's), ``rope_scaling``
-    where the rotary type is not the default one, and ``torch_dtype`` beside ``dtype``."""
+    """``config`` (config.json's content) with transformers 4.x's keys added: ``rope_theta`` (and
+    ``rope_local_base_freq`` for per-layer-type parameters, as Gemma 3's), ``rope_scaling``
+    where the rotary type is not the default one, ``torch_dtype`` beside ``dtype``, and the
+    expert count under both of its names."""
     config = dict(config)
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and rope:
@@ -36,6 +37,11 @@ def portable_config(config: dict) -> dict:
             config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     if "dtype" in config:
         config.setdefault("torch_dtype", config["dtype"])
+    # transformers 5 writes Qwen-MoE's expert count as num_local_experts, which 4.x's Qwen
+    # configs do not read (they fall back to 128 experts); Mixtral's 4.x reads that name
+    for name, other in (("num_local_experts", "num_experts"), ("num_experts", "num_local_experts")):
+        if config.get(name) is not None:
+            config.setdefault(other, config[name])
     return config
 
 

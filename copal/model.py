@@ -585,13 +585,15 @@ _OPTIONAL_ARCHITECTURE_KEYS = ("layer_types", "use_sliding_window", "attn_logit_
                                "final_logit_softcapping", "query_pre_attn_scalar",
                                "embedding_multiplier", "residual_multiplier",
                                "attention_multiplier", "logits_scaling", "rope_local_base_freq",
-                               "num_local_experts", "num_experts", "num_experts_per_tok",
+                               "num_experts_per_tok",
                                "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 
 
 def _architecture(config) -> dict:
     fields = {key: getattr(config, key, None) for key in _ARCHITECTURE_KEYS}
+    if num_experts(config):  # Mixtral's num_local_experts, which transformers 5 also calls num_experts
+        fields["num_experts"] = num_experts(config)
     for key in _OPTIONAL_ARCHITECTURE_KEYS:
         value = getattr(config, key, None)
         if value and not (key == "layer_types" and set(value) == {"full_attention"}):

@@ -56,11 +56,13 @@ def _same_in_both(path, tmp_path):
 
 
 @needs_tf4
-def test_a_pruned_checkpoint_reads_the_same_in_transformers_4_and_5(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe"])
+def test_a_pruned_checkpoint_reads_the_same_in_transformers_4_and_5(tmp_path, arch):
     """A checkpoint and tokenizer written by transformers 5 with a rotary base of 500 (not 4.x's
-    default), pruned: config.json carries rope_theta, tokenizer_config.json a class 4.x knows."""
+    default), pruned: config.json carries rope_theta (and Qwen3-MoE's expert count under the
+    name 4.x reads), tokenizer_config.json a class 4.x knows."""
     source = tmp_path / "model"
-    model = tiny_model("llama", rope_theta=500.0)
+    model = tiny_model(arch, rope_theta=500.0)
     model.save_pretrained(source)
     word_tokenizer(model.config.vocab_size).save_pretrained(source)
     out = prune_checkpoint(str(source), str(write_corpus(tmp_path / "corpus.txt")),
@@ -68,6 +70,8 @@ def test_a_pruned_checkpoint_reads_the_same_in_transformers_4_and_5(tmp_path):
                            num_calibration=4, seq_len=32, log=lambda *_: None)
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == 500.0
+    if arch != "llama":
+        assert config["num_experts"] == config["num_local_experts"] == 4
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] in (
         "PreTrainedTokenizerFast", None)
     _same_in_both(out, tmp_path)
@@ -93,5 +97,8 @@ def test_portable_config_adds_what_4x_reads_and_changes_nothing_else():
               "rope_theta": 5e5}
     assert portable_config(llama3) == dict(llama3, rope_scaling={"rope_type": "llama3",
                                                                  "factor": 8.0})
-    written_by_4 = {"rope_theta": 1e4, "rope_scaling": None, "torch_dtype": "float32"}
+    qwen_moe = {"num_local_experts": 128}
+    assert portable_config(qwen_moe) == {"num_local_experts": 128, "num_experts": 128}
+    written_by_4 = {"rope_theta": 1e4, "rope_scaling": None, "torch_dtype": "float32",
+                    "num_experts": 60, "num_local_experts": 60}
     assert portable_config(written_by_4) == written_by_4
