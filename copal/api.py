@@ -228,6 +228,43 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             pending.release()
 
 
+# CopalOptions field -> the CLI flag that sets it (copal.cli)
+_OPTION_FLAGS = dict(aggregation="--aggregation", gradient="--gradient",
+                     normalisation="--normalisation", group="--group",
+                     weight_update="--weight-update", step_weighting="--step-weighting",
+                     dampening="--dampening", block_size="--obs-block-size",
+                     step_weights="--step-weights", calibration_inputs="--calibration-inputs")
+
+
+def _rerun(verb: str, arguments: dict, provenance: dict) -> List[str]:
+    """The ``copal`` command line that makes the checkpoint again: ``arguments`` ({flag: value},
+    None left out), the options that differ from their defaults, and the execution that ran
+    (dtype, batch size, device, save dtype); ``continue`` takes its options from the state.
+    Fixed step weights have no flag (an experiment's config takes them): then the command says
+    so in its last word."""
+    command = ["copal", verb]
+    for flag, value in arguments.items():
+        if value is not None:
+            command += [flag, str(value)]
+    options = provenance.get("options") or {} if verb == "prune" else {}  # continue: the state's
+    defaults = CopalOptions().to_dict()
+    for field, value in options.items():
+        if value == defaults[field] or field not in _OPTION_FLAGS:
+            continue
+        if isinstance(value, list):
+            return command + ["#step_weights-needs-an-experiment-config"]
+        command += [_OPTION_FLAGS[field], str(value)]
+    windows = provenance.get("windows") or {}
+    if verb == "prune" and provenance.get("method") != "magnitude":
+        for key in ("num_calibration", "seq_len", "seed"):
+            command += [f"--{key.replace('_', '-')}", str(windows[key])]
+        command += ["--batch-size", str(provenance["batch_size"])]
+    command += ["--dtype", provenance["dtype"], "--device", provenance["device"]]
+    if provenance.get("save_dtype"):
+        command += ["--save-dtype", provenance["save_dtype"]]
+    return command
+
+
 def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = "wanda",
                      pattern: str = "50%", options: Optional[CopalOptions] = None,
                      num_calibration: Optional[int] = None, seq_len: Optional[int] = None,
@@ -302,6 +339,10 @@ def prune_checkpoint(model: str, data: Optional[str], out_dir, *, method: str = 
                       windows=windows, **execution, save_dtype=save_dtype, device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       environment=environment())
+    provenance["rerun"] = _rerun("prune", {
+        "--model": provenance["input"], "--data": data, "--out": Path(out_dir).resolve(),
+        "--method": method, "--pattern": parsed.exact,
+        "--state-out": Path(state_out).resolve() if state_out else None}, provenance)
     state = None
     if method == "copal":
         state = (state_path, history, state_metadata(
@@ -414,6 +455,10 @@ def continue_checkpoint(state: str, data: str, out_dir, *, model: Optional[str] 
                       device=str(device),
                       input=str(Path(model_dir).resolve()), input_fingerprint=fingerprint,
                       state=str(Path(state).resolve()), environment=environment())
+    provenance["rerun"] = _rerun("continue", {
+        "--state": provenance["state"], "--data": data, "--out": Path(out_dir).resolve(),
+        "--model": provenance["input"], "--batch-size": batch_size,
+        "--state-out": Path(state_out).resolve() if state_out else None}, provenance)
     sweep = _sweep(lm, dataset.calibration, pruner, pattern, options, history, previous_hessians,
                    step, dict(device=device, batch_size=batch_size,
                               offload_activations=offload_activations))

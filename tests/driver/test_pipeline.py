@@ -224,3 +224,39 @@ def test_corrupt_or_foreign_state_is_refused(checkpoint, tmp_path, capsys):
     with pytest.raises(ValueError, match="not a COPAL state file"):
         load_state(shard)
     assert _nothing_written(tmp_path / "out")
+
+
+def test_the_provenance_file_reruns_into_the_same_checkpoint(checkpoint, corpus, corpus_b,
+                                                             tmp_path):
+    """copal-checkpoint.json's ``rerun`` (a copal command line) makes the same checkpoint and
+    state again, for prune with non-default COPAL options and for continue."""
+    from safetensors.torch import load_file
+
+    def tensors(directory):
+        return {path.name: load_file(str(path)) for path in sorted(directory.glob("*.safetensors"))}
+
+    def rerun(out, again):
+        command = json.loads((out / "copal-checkpoint.json").read_text())["rerun"]
+        assert command[:2] == ["copal", command[1]] and "--out" in command
+        command[command.index("--out") + 1] = str(again)
+        assert main(command[1:]) == 0
+        first, second = tensors(out), tensors(again)
+        assert first.keys() == second.keys() and len(first) > 2
+        for name in first:
+            assert first[name].keys() == second[name].keys()
+            for key in first[name]:
+                assert torch.equal(first[name][key], second[name][key]), (name, key)
+
+    out = prune_checkpoint(str(checkpoint), str(corpus), tmp_path / "a", method="copal",
+                           pattern="2:4", options=CopalOptions(weight_update="obs",
+                                                               step_weights="linear",
+                                                               dampening=0.05),
+                           batch_size=2, log=lambda *_: None, **WINDOWS)
+    command = json.loads((out / "copal-checkpoint.json").read_text())["rerun"]
+    for flag, value in (("--weight-update", "obs"), ("--step-weights", "linear"),
+                        ("--dampening", "0.05"), ("--batch-size", "2"), ("--pattern", "2:4")):
+        assert command[command.index(flag) + 1] == value, command
+    rerun(out, tmp_path / "a-again")
+    continued = continue_checkpoint(str(out / "copal-state.safetensors"), str(corpus_b),
+                                    tmp_path / "b", log=lambda *_: None)
+    rerun(continued, tmp_path / "b-again")
