@@ -31,6 +31,7 @@ def wanda_mask(
     prune_n: int = 0,
     prune_m: int = 0,
     check_finite: bool = True,
+    ties: str = "stable",
 ) -> torch.Tensor:
     """The ``W_mask`` that Wanda's loop builds: bool ``[out, in]``, **True = pruned** (Wanda's
     convention, the opposite of the other functions here).
@@ -42,14 +43,29 @@ def wanda_mask(
 
     ``prune_n``, ``prune_m`` take **Wanda's N convention**: ``prune_n`` weights of every
     ``prune_m`` consecutive ones are *pruned* (2:4 sparsity is ``prune_n=2, prune_m=4``);
-    ``prune_n == 0`` selects the unstructured per-row path with ``sparsity_ratio``. Ties are
-    pruned lower column first: identical to Wanda's stable sort; its ``topk`` loop leaves ties
-    to the implementation, so on exact ties the N:M masks may differ from it (never the counts).
+    ``prune_n == 0`` selects the unstructured per-row path with ``sparsity_ratio``.
+
+    ``ties``: on exact ties of the metric, ``"stable"`` (the kernels, default) prunes the lower
+    column first, which is Wanda's stable sort on the unstructured path, bit for bit. Wanda's
+    N:M path calls ``torch.topk`` per group, whose order among equal values is torch's own (on
+    SmolLM2 at 2:4 and 4:8, issue 19 reports 984 and 126 mask entries that differ from
+    ``"stable"``; never a count).
+    ``"topk"`` computes Wanda's metric and calls ``torch.topk`` over every group at once, as its
+    loop does one group at a time: on the CPU builds tested (torch 2.13) the same masks as the
+    loop on heavily tied inputs (tests/test_wanda.py); on a GPU it is whatever ``torch.topk``
+    does there. It materialises the metric and runs in torch, not in the kernels.
+
     ``check_finite``: as in :func:`copal_kernels.nm_mask` (a NaN/Inf metric, or a product that
     overflows fp32, raises ``ValueError``; with ``False`` it is ranked as ``torch.sort`` ranks
     it). Nothing is mutated. Errors (``TypeError``/``ValueError``, before any work) use Wanda's
-    argument names and convention.
+    argument names and convention. Wanda's ``--use_variant`` (a per-row threshold searched on
+    the cumulative metric) is not covered: keep its own loop there.
     """
+    if ties not in ("stable", "topk"):
+        raise ValueError(f"ties must be 'stable' or 'topk' (Wanda's torch.topk order), got {ties!r}")
+    if isinstance(sparsity_ratio, bool) or not isinstance(sparsity_ratio, (int, float)) \
+            or not 0.0 <= float(sparsity_ratio) < 1.0:
+        raise ValueError(f"sparsity_ratio must be a number in [0, 1), got {sparsity_ratio!r}")
     if (W_metric is None) == (weight is None):
         raise ValueError("give exactly one of W_metric or weight (with scaler_row)")
     check_pruned_of(prune_n, prune_m, "Wanda")
@@ -77,6 +93,9 @@ def wanda_mask(
     if prune_n != 0 and weight.shape[1] % prune_m:
         raise ValueError(f"prune_n={prune_n}, prune_m={prune_m} needs the in-features divisible by "
                          f"prune_m, got {weight.shape[1]}")
+    if prune_n != 0 and ties == "topk":
+        return _topk_mask(weight if act_norms is None else torch.abs(weight) * torch.sqrt(
+            scaler_row.reshape((1, -1))), prune_n, prune_m, check_finite)
     try:
         if prune_n != 0:
             return ~nm_mask(weight, None, act_norms, n=prune_m - prune_n, m=prune_m,
@@ -87,3 +106,16 @@ def wanda_mask(
         if W_metric is not None and str(error).startswith("weight "):  # the caller's name
             raise ValueError("W_metric" + str(error)[len("weight"):]) from None
         raise
+
+
+def _topk_mask(metric: torch.Tensor, prune_n: int, prune_m: int, check_finite: bool):
+    """Wanda's N:M selection, ``torch.topk(tmp, prune_n, dim=1, largest=False)`` on each group's
+    ``tmp = W_metric[:, ii:ii + prune_m].float()``, for every group in one call."""
+    metric = metric.float()
+    if check_finite and not bool(torch.isfinite(metric).all()):
+        raise ValueError("W_metric contains NaN or Inf (pass check_finite=False to rank it "
+                         "as torch.topk does)")
+    groups = metric.reshape(metric.shape[0], -1, prune_m)
+    lowest = torch.topk(groups, prune_n, dim=-1, largest=False)[1]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True).reshape(
+        metric.shape)

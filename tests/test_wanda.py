@@ -41,6 +41,36 @@ def test_wanda_mask_unstructured_ties_match_stable_sort(dtype):
                        expected)
 
 
+@pytest.mark.parametrize("prune_n,prune_m", [(2, 4), (4, 8), (1, 4), (3, 8)])
+def test_wanda_mask_topk_ties_match_wandas_loop(prune_n, prune_m):
+    """Heavily tied metrics (two and three levels): ``ties="topk"`` gives the masks of Wanda's
+    per-group topk loop; the default stable rule keeps the same counts in every group."""
+    for levels, seed in ((2, 0), (3, 1)):
+        gen = torch.Generator().manual_seed(seed)
+        weight = torch.randint(1, levels + 1, (67, 96), generator=gen).float().to(DEVICE)
+        scaler_row = torch.ones(96, device=DEVICE)
+        expected = naive.wanda_loop_mask(weight, scaler_row, 0, prune_n, prune_m)
+        topk = ck.wanda_mask(weight=weight, scaler_row=scaler_row, prune_n=prune_n,
+                             prune_m=prune_m, ties="topk")
+        assert torch.equal(topk, expected)
+        assert torch.equal(ck.wanda_mask(weight, prune_n=prune_n, prune_m=prune_m, ties="topk"),
+                           expected)
+        stable = ck.wanda_mask(weight=weight, scaler_row=scaler_row, prune_n=prune_n,
+                               prune_m=prune_m)
+        assert torch.equal(stable.reshape(67, -1, prune_m).sum(-1),
+                           expected.reshape(67, -1, prune_m).sum(-1))
+
+
+def test_wanda_mask_errors_use_wandas_names():
+    weight, scaler_row = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"sparsity_ratio must be a number in \[0, 1\), got 1.5"):
+        ck.wanda_mask(weight=weight, scaler_row=scaler_row, sparsity_ratio=1.5)
+    with pytest.raises(ValueError, match="prune_n=4, prune_m=4: Wanda's N:M prunes prune_n"):
+        ck.wanda_mask(weight=weight, scaler_row=scaler_row, prune_n=4, prune_m=4)
+    with pytest.raises(ValueError, match="ties must be 'stable' or 'topk'"):
+        ck.wanda_mask(weight=weight, scaler_row=scaler_row, prune_n=2, prune_m=4, ties="first")
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_copal_step_one_equals_wanda(pattern):
     """COPAL's first step (normalised gradient and activation norms) gives Wanda's mask, except
