@@ -14,14 +14,10 @@ from copal.methods import CopalOptions
 from copal.model import LayeredModel, UnsupportedModelError
 
 from .test_model import _blockwise_logits
+from .test_pipeline import every_method
 from .tiny import MIXTURES, tiny_model, word_tokenizer
 
 WINDOWS = dict(num_calibration=4, seq_len=32)
-RUNS = {"magnitude": dict(method="magnitude", pattern="50%"),
-        "wanda": dict(method="wanda", pattern="2:4"),
-        "sparsegpt": dict(method="sparsegpt", pattern="4:8"),
-        "copal": dict(method="copal", pattern="2:4"),
-        "copal-obs": dict(method="copal", pattern="50%", options=CopalOptions(weight_update="obs"))}
 
 
 def _tensors(directory):
@@ -64,14 +60,7 @@ def test_every_method_on_every_mixture(tmp_path, corpus, corpus_b, arch):
                 # block 1 is dense (mlp_only_layers); block 0 has a shared expert
                 "qwen2_moe": 8 + experts // 2 + 3 + 3}[arch]
     ids = torch.randint(0, 90, (2, 16))
-    for name, run in RUNS.items():
-        data = dict(data=None) if run["method"] == "magnitude" else dict(data=str(corpus),
-                                                                           **WINDOWS)
-        out = prune_checkpoint(str(source), out_dir=tmp_path / name, log=lambda *_: None,
-                               **run, **data)
-        if run["method"] == "copal":
-            out = continue_checkpoint(str(out / "copal-state.safetensors"), str(corpus_b),
-                                      tmp_path / f"{name}-2", log=lambda *_: None)
+    for name, run, out in every_method(source, tmp_path, corpus, corpus_b):
         written = _tensors(out)
         assert written.keys() == dense.keys(), name  # the input's layout, key for key
         pruned = [key for key in written if key.endswith("proj.weight") or

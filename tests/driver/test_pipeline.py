@@ -37,6 +37,28 @@ def _linears(model):
             if isinstance(module, torch.nn.Linear) and ".layers." in name}
 
 
+EVERY_METHOD = {"magnitude": dict(method="magnitude", pattern="50%"),
+                "wanda": dict(method="wanda", pattern="2:4"),
+                "sparsegpt": dict(method="sparsegpt", pattern="4:8"),
+                "copal": dict(method="copal", pattern="2:4"),
+                "copal-obs": dict(method="copal", pattern="50%",
+                                  options=CopalOptions(weight_update="obs"))}
+
+
+def every_method(source, tmp_path, corpus, corpus_b):
+    """(name, run, output) of each of EVERY_METHOD on checkpoint ``source``, COPAL's outputs
+    those of the step continued from its state with ``corpus_b``."""
+    for name, run in EVERY_METHOD.items():
+        data = dict(data=None) if run["method"] == "magnitude" else dict(data=str(corpus),
+                                                                            **WINDOWS)
+        out = prune_checkpoint(str(source), out_dir=tmp_path / name, log=lambda *_: None,
+                               **run, **data)
+        if run["method"] == "copal":
+            out = continue_checkpoint(str(out / "copal-state.safetensors"), str(corpus_b),
+                                      tmp_path / f"{name}-2", log=lambda *_: None)
+        yield name, run, out
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "phi3", "olmo2", "granite", "gemma2", "gemma3",
                                   "mistral+sliding", "qwen2+sliding"])
 def test_every_method_on_every_architecture(tmp_path, corpus, corpus_b, arch):
@@ -48,20 +70,7 @@ def test_every_method_on_every_architecture(tmp_path, corpus, corpus_b, arch):
     source = tmp_path / "model"
     model.save_pretrained(source)
     word_tokenizer(model.config.vocab_size).save_pretrained(source)
-    runs = {"magnitude": dict(method="magnitude", pattern="50%"),
-            "wanda": dict(method="wanda", pattern="2:4"),
-            "sparsegpt": dict(method="sparsegpt", pattern="4:8"),
-            "copal": dict(method="copal", pattern="2:4"),
-            "copal-obs": dict(method="copal", pattern="50%",
-                              options=CopalOptions(weight_update="obs"))}
-    for name, run in runs.items():
-        data = dict(data=None) if run["method"] == "magnitude" else dict(data=str(corpus),
-                                                                            **WINDOWS)
-        out = prune_checkpoint(str(source), out_dir=tmp_path / name, log=lambda *_: None,
-                               **run, **data)
-        if run["method"] == "copal":
-            out = continue_checkpoint(str(out / "copal-state.safetensors"), str(corpus_b),
-                                      tmp_path / f"{name}-2", log=lambda *_: None)
+    for name, run, out in every_method(source, tmp_path, corpus, corpus_b):
         pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         linears = _linears(pruned)
         assert len(linears) == 2 * (4 if arch == "phi3" else 7)
