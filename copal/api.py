@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from . import distributed
 from .assets import resolve_model
 from .checkpoint import CheckpointError, ShardWriter, copy_non_weights
+from .cli import option_flag
 from .continual import (DenseWeights, RunSpec, copal_method, hessian_state, prune_step,
                         state_metadata)
 from .data import check_window_counts, make_dataset, source_name
@@ -228,14 +229,6 @@ def _write_pruned(lm: LayeredModel, model_dir: Path, out: Path, overwrite: bool,
             pending.release()
 
 
-# CopalOptions field -> the CLI flag that sets it (copal.cli)
-_OPTION_FLAGS = dict(aggregation="--aggregation", gradient="--gradient",
-                     normalisation="--normalisation", group="--group",
-                     weight_update="--weight-update", step_weighting="--step-weighting",
-                     dampening="--dampening", block_size="--obs-block-size",
-                     step_weights="--step-weights", calibration_inputs="--calibration-inputs")
-
-
 def _rerun(verb: str, arguments: dict, provenance: dict) -> List[str]:
     """The ``copal`` command line that makes the checkpoint again: ``arguments`` ({flag: value},
     None left out), the options that differ from their defaults, and the execution that ran
@@ -249,11 +242,11 @@ def _rerun(verb: str, arguments: dict, provenance: dict) -> List[str]:
     options = provenance.get("options") or {} if verb == "prune" else {}  # continue: the state's
     defaults = CopalOptions().to_dict()
     for field, value in options.items():
-        if value == defaults[field] or field not in _OPTION_FLAGS:
+        if value == defaults[field]:
             continue
         if isinstance(value, list):
             return command + ["#step_weights-needs-an-experiment-config"]
-        command += [_OPTION_FLAGS[field], str(value)]
+        command += [option_flag(field), str(value)]
     windows = provenance.get("windows") or {}
     if verb == "prune" and provenance.get("method") != "magnitude":
         for key in ("num_calibration", "seq_len", "seed"):
@@ -510,9 +503,9 @@ class ContinualPruner:
     UnsupportedModelError otherwise) whose tensors are all on the host (ValueError otherwise);
     transformers 5's stacked experts of a mixture-of-experts model are replaced in place by one
     nn.Linear per expert projection, sharing their storage (copal.experts). ``device`` is where
-    its blocks are pruned, one at a time. A host copy of its dense weights is kept for every protocol but cascade (restart,
-    joint and COPAL start each step from W0); joint also keeps every step's windows. COPAL keeps
-    its state. A step that fails restores the model (and the state) to what they were before
+    its blocks are pruned, one at a time. A host copy of its dense weights is kept for every
+    protocol but cascade (restart, joint and COPAL start each step from W0); joint also keeps
+    every step's windows. COPAL keeps its state. A step that fails restores the model (and the state) to what they were before
     it: it holds a host copy of the weights until it completes.
     """
 

@@ -181,12 +181,12 @@ def _prune(args):
 
     flags = {key: getattr(args, key) for key in COPAL_FLAGS if getattr(args, key) is not None}
     if flags and args.method != "copal":
-        raise ValueError(f"{', '.join(_flag(key) for key in flags)}: COPAL option(s), which "
-                         f"--method {args.method} does not take")
+        raise ValueError(f"{', '.join(option_flag(key) for key in flags)}: COPAL option(s), "
+                         f"which --method {args.method} does not take")
     update = flags.get("weight_update", "none")
     other = [key for key in flags if key in (MASK_DEFAULTS if update == "obs" else OBS_DEFAULTS)]
     if other:  # even at their defaults: a flag given is honoured or refused
-        raise ValueError(f"{', '.join(_flag(key) for key in other)}: option(s) of COPAL's "
+        raise ValueError(f"{', '.join(option_flag(key) for key in other)}: option(s) of COPAL's "
                          f"{'mask-only' if update == 'obs' else 'OBS'} variant, which "
                          f"--weight-update {update} does not take")
     prune_checkpoint(args.model, args.data, args.out, method=args.method, pattern=args.pattern,
@@ -197,7 +197,8 @@ def _prune(args):
                      overwrite=args.overwrite, save_dtype=args.save_dtype)
 
 
-def _flag(key: str) -> str:
+def option_flag(key: str) -> str:
+    """The CLI flag that sets CopalOptions field ``key``."""
     return "--obs-block-size" if key == "block_size" else "--" + key.replace("_", "-")
 
 

@@ -71,15 +71,14 @@ def _stacked(module: nn.Module, experts: int) -> bool:
     return experts > 0 and any(p.dim() == 3 and p.shape[0] == experts for p in params.values())
 
 
-def unstack_experts(model: nn.Module, blocks: nn.ModuleList) -> int:
+def unstack_experts(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Replace every stacked experts module inside ``blocks`` by an :class:`ExpertLinears` whose
     weights are views of the stacked tensors (in-memory models keep one copy; models on the meta
     device stay there). Mutates ``model``; its forward and ``save_pretrained`` are unchanged.
-    Returns how many were replaced. Raises ValueError for a layout it does not know (biases,
-    transposed weights, other parameters)."""
+    Raises ValueError for a layout it does not know (biases, transposed weights, other
+    parameters)."""
     config = model.config
     experts = num_experts(config)
-    replaced = 0
     for block in blocks:
         for parent in list(block.modules()):
             for child_name, child in list(parent.named_children()):
@@ -104,8 +103,6 @@ def unstack_experts(model: nn.Module, blocks: nn.ModuleList) -> int:
                     for name, view in zip(names, views):
                         getattr(expert, name).weight = nn.Parameter(view, requires_grad=False)
                 setattr(parent, child_name, unstacked)
-                replaced += 1
-    return replaced
 
 
 def _holders(block: nn.Module):

@@ -514,8 +514,8 @@ class Copal(Method):
             # a step whose tokens never reach the layer (an expert) adds no term (zeros)
             scale = (normalised if options.normalisation == "mean" else torch.Tensor.float) \
                 if stats[name].tokens else torch.zeros_like
-            layer.grads.append(scale(grad).float().cpu())
-            layer.acts.append(scale(act_norms).float().cpu())
+            layer.grads.append(scale(grad).cpu())
+            layer.acts.append(scale(act_norms).cpu())
             device = linear.weight.device
             # no step has a non-zero term: never reached (an expert), or reached on the pruned
             # model but given no gradient on the dense one (routed otherwise there): |W|

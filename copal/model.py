@@ -286,11 +286,15 @@ class LayeredModel:
                       for index, kind in enumerate(types)}
         prefix = self.module_names[id(self.blocks)] + "."
 
-        def twin_name(name):  # a block's buffer -> the twin's block of its layer type
+        def in_block(name):  # (block index, name inside it), or None outside the blocks
             if not name.startswith(prefix):
-                return name
+                return None
             index, _, rest = name[len(prefix):].partition(".")
-            return f"{prefix}{twin_block[int(index)]}.{rest}"
+            return int(index), rest
+
+        def twin_name(name):  # a block's buffer -> the twin's block of its layer type
+            where = in_block(name)
+            return name if where is None else f"{prefix}{twin_block[where[0]]}.{where[1]}"
 
         made = None
         for one_head in (True, False):  # a one-head twin where the config takes head_dim
@@ -305,9 +309,9 @@ class LayeredModel:
                                         "checkpoint")
         self._block_buffers = {index: {} for index in range(self.num_blocks)}
         for name in missing:
-            if name.startswith(prefix):
-                index, _, rest = name[len(prefix):].partition(".")
-                self._block_buffers[int(index)][rest] = made[twin_name(name)].clone()
+            where = in_block(name)
+            if where is not None:
+                self._block_buffers[where[0]][where[1]] = made[twin_name(name)].clone()
             else:
                 owner, _, attribute = name.rpartition(".")
                 self.model.get_submodule(owner)._buffers[attribute] = made[name].clone()
@@ -348,11 +352,15 @@ class LayeredModel:
     def lazy(self) -> bool:
         return self.reader is not None
 
+    def _stored(self, name: str) -> str:
+        """A parameter's name in a block as the checkpoint spells it (transformers 5 names
+        Mixtral's ``block_sparse_moe`` ``mlp`` in memory)."""
+        return self._renamed.get(name, name)
+
     def layer_name(self, name: str) -> str:
-        """A Linear's name in a block, as the checkpoint spells it (transformers 5 names
-        Mixtral's ``block_sparse_moe`` ``mlp`` in memory): the same in every transformers
-        version, so states and reports made under one serve the other."""
-        return self._renamed.get(f"{name}.weight", f"{name}.weight")[:-len(".weight")]
+        """A Linear's name in a block, as the checkpoint spells it: the same in every
+        transformers version, so states and reports made under one serve the other."""
+        return self._stored(f"{name}.weight")[:-len(".weight")]
 
     def linears(self, block: nn.Module) -> Dict[str, nn.Linear]:
         """The prunable layers of a block: every nn.Linear but a mixture-of-experts router
@@ -373,13 +381,13 @@ class LayeredModel:
     def block_keys(self, index: int) -> Dict[str, str]:
         """{checkpoint key: parameter name in the block} of block ``index``."""
         prefix = self.block_names[index]
-        return {f"{prefix}.{self._renamed.get(name, name)}": name
+        return {f"{prefix}.{self._stored(name)}": name
                 for name, _ in self.blocks[index].named_parameters()}
 
     def checkpoint_state(self, index: int, block: nn.Module) -> Dict[str, torch.Tensor]:
         """``block``'s (block ``index``'s) tensors by checkpoint key, to write."""
         prefix = self.block_names[index]
-        return {f"{prefix}.{self._renamed.get(name, name)}": tensor.detach()
+        return {f"{prefix}.{self._stored(name)}": tensor.detach()
                 for name, tensor in block.state_dict().items()}
 
     def read_block_state(self, index: int) -> Dict[str, torch.Tensor]:

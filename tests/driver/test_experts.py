@@ -14,7 +14,7 @@ from copal.methods import CopalOptions
 from copal.model import LayeredModel, UnsupportedModelError
 
 from .test_model import _blockwise_logits
-from .test_pipeline import every_method
+from .test_pipeline import check_pattern, every_method
 from .tiny import MIXTURES, tiny_model, word_tokenizer
 
 WINDOWS = dict(num_calibration=4, seq_len=32)
@@ -30,15 +30,6 @@ def _tensors(directory):
 
 def _is_router(key):  # Mixtral's and Qwen's gate, Qwen2-MoE's shared_expert_gate
     return key.endswith(("sparse_moe.gate.weight", "mlp.gate.weight", "shared_expert_gate.weight"))
-
-
-def _check_pattern(weight, pattern, what):
-    zero = weight == 0
-    if ":" in pattern:
-        m = int(pattern.split(":")[1])
-        assert bool((zero.reshape(weight.shape[0], -1, m).sum(-1) == m // 2).all()), what
-    else:
-        assert int(zero.sum()) >= weight.numel() // 2 - 1, what
 
 
 def _save(model, directory):
@@ -67,7 +58,7 @@ def test_every_method_on_every_mixture(tmp_path, corpus, corpus_b, arch):
                   (".experts." in key and key.endswith(".weight"))]
         assert len(pruned) == expected, (name, sorted(pruned))
         for key in pruned:
-            _check_pattern(written[key], run["pattern"], (name, key))
+            check_pattern(written[key], run["pattern"], (name, key))
         routers = [key for key in written if _is_router(key)]
         assert len(routers) == 2, routers  # Qwen2-MoE: block 0's gate and shared_expert_gate
         for key in routers:
@@ -142,7 +133,7 @@ def test_in_memory_mixture_saves_as_transformers_does(tmp_path):
                if ".experts." in name and isinstance(m, torch.nn.Linear)]
     assert len(experts) == 24
     for weight in experts:
-        _check_pattern(weight, "2:4", "expert")
+        check_pattern(weight, "2:4", "expert")
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():

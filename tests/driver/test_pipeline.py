@@ -45,6 +45,16 @@ EVERY_METHOD = {"magnitude": dict(method="magnitude", pattern="50%"),
                                   options=CopalOptions(weight_update="obs"))}
 
 
+def check_pattern(weight, pattern, what):
+    """``weight`` has EVERY_METHOD's ``pattern``: N:M exactly, or at least half zero."""
+    zero = weight == 0
+    if ":" in pattern:
+        m = int(pattern.split(":")[1])
+        assert bool((zero.reshape(weight.shape[0], -1, m).sum(-1) == m // 2).all()), what
+    else:
+        assert int(zero.sum()) >= weight.numel() // 2 - 1, what
+
+
 def every_method(source, tmp_path, corpus, corpus_b):
     """(name, run, output) of each of EVERY_METHOD on checkpoint ``source``, COPAL's outputs
     those of the step continued from its state with ``corpus_b``."""
@@ -75,13 +85,7 @@ def test_every_method_on_every_architecture(tmp_path, corpus, corpus_b, arch):
         linears = _linears(pruned)
         assert len(linears) == 2 * (4 if arch == "phi3" else 7)
         for layer, weight in linears.items():
-            zero = weight == 0
-            if ":" in run["pattern"]:
-                m = int(run["pattern"].split(":")[1])
-                assert bool((zero.reshape(weight.shape[0], -1, m).sum(-1) == m // 2).all()), \
-                    (name, layer)
-            else:
-                assert int(zero.sum()) >= weight.numel() // 2 - 1, (name, layer)
+            check_pattern(weight, run["pattern"], (name, layer))
 
 
 @pytest.mark.parametrize("arch,pattern", [("mistral", "4:8"), ("qwen2", "4:8"), ("qwen2", "50%")])
